@@ -1,0 +1,1 @@
+"""Hydra launcher plugin ``hydra/launcher=pool``: a local device pool (see runner.launch.pool)."""

@@ -1,0 +1,89 @@
+"""Sessions: tests (default), lint, typecheck, train (the main job), bench, reliability.
+
+`python3 -m pip install nox && python3 -m nox` runs tests, lint and typecheck from a clean clone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.sessions = ["lint", "typecheck", "tests"]
+nox.options.error_on_missing_interpreters = True
+
+PYTHON = "3.11"
+# NOTE: install the CPU wheel first. pyproject.toml keeps a range (torch>=2.4) for real users, but on a
+# machine without a CUDA-less index a bare `torch` resolves to a multi-GB CUDA build.
+TORCH = os.environ.get("RUNNER_TORCH_SPEC", "torch==2.13.0")
+
+
+def install(session: nox.Session, *extras: str) -> None:
+    session.install(TORCH)
+    session.install("-e", f".[{','.join(extras)}]" if extras else ".")
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Unit and integration tests (S3, SLURM and multi-process tests start their own servers)."""
+    install(session, "test", "sweep")
+    session.run("pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    session.install("ruff>=0.6")
+    session.run("ruff", "check", "runner", "hydra_plugins", "tests", "bench", "noxfile.py")
+    session.run("ruff", "format", "--check", "runner", "hydra_plugins", "tests", "bench", "noxfile.py")
+
+
+@nox.session(python=PYTHON)
+def typecheck(session: nox.Session) -> None:
+    install(session)
+    session.install("mypy>=1.10")
+    session.run("mypy", "runner", "hydra_plugins")
+
+
+@nox.session(python=PYTHON)
+def train(session: nox.Session) -> None:
+    """The main job: `python -m runner` on the built-in default (tiny ViT, synthetic data)."""
+    install(session)
+    session.run("python", "-m", "runner", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Benchmarks that measure their baseline in the same run: `nox -s bench -- --json`.
+
+    sync: runner's syncer vs `aws s3 sync` vs open_clip's remote_sync on one local moto server.
+    open_clip_torch goes in with --no-deps: only its file_utils.remote_sync is used (no model code).
+    checkpoint, loop, startup: async/sync checkpoint cost vs raw disk, loop overhead vs a bare loop,
+    start-up vs `import torch`. Run one alone with `nox -s bench -- --only loop`.
+    """
+    only = None
+    if "--only" in session.posargs:
+        i = session.posargs.index("--only")
+        only, session.posargs[i : i + 2] = session.posargs[i + 1], []
+    install(session, "test")
+    # NOTE: awscli is not installed here: it pins botocore against s3fs's aiobotocore. bench/sync.py uses
+    # the `aws` on PATH (any Python's) and says so if there is none.
+    session.install("--no-deps", "open_clip_torch")
+    for name in ("sync", "checkpoint", "loop", "startup"):
+        if only in (None, name):
+            session.run("python", f"bench/{name}.py", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def reliability(session: nox.Session) -> None:
+    """The whole fault suite (tests/reliability) at full size; prints the summary table at the end.
+
+    The default `tests` session runs the same tests smaller: 3 kill trials, half the bad-config table, one
+    corruption kind end to end (locally and on S3), the erroring-store case and a killed rank; the
+    `full_suite` tests (outages, slow link, kills mid-upload, a hung rank, the SLURM requeue-twice drill)
+    run only here.
+    The disk-full test mounts a tmpfs and the requeue drill starts the SLURM test cluster
+    (tests/slurm/cluster.sh), so run this as root (in CI nothing may skip).
+    """
+    install(session, "test")
+    env = {"RUNNER_RELIABILITY_TRIALS": "25", "RUNNER_RELIABILITY_FULL": "1"}
+    session.run("pytest", "-m", "reliability", "-q", *session.posargs, env=env)

@@ -1,0 +1,455 @@
+"""Typed schemas for every config group, registered in Hydra's ConfigStore.
+
+YAML files under ``conf/`` hold values only; each pulls its schema in with
+``defaults: [/schema/<group>/<name>@_here_]`` so types are checked when Hydra composes.
+Range checks live in ``__post_init__`` and run in :func:`validate`, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value a user must fix; reported as one line with exit code 2."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h|d)?\s*$")
+_UNIT_S = {None: 1.0, "s": 1.0, "sec": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(value: str | float | int, key: str = "duration") -> float:
+    """Seconds from ``90``, ``90s``, ``5m``, ``1h`` or ``1d``."""
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        match = _DURATION.match(str(value))
+        if match is None:
+            raise ConfigError(f"{key}={value!r}: not a duration; use seconds or a unit, e.g. 90s, 5m, 1h")
+        seconds = float(match.group(1)) * _UNIT_S[match.group(2)]
+    _require(seconds > 0, key, f"must be positive, got {value!r}")
+    return seconds
+
+
+# --------------------------------------------------------------------------- model
+@dataclass
+class ViTConfig:
+    _target_: str = "runner.models.vit.VisionTransformer"
+    # Input resolution in pixels (square); defaults to data.image_size.
+    image_size: int = MISSING
+    patch_size: int = 16
+    in_chans: int = 3
+    # Output classes; defaults to data.num_classes.
+    num_classes: int = MISSING
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "width", "depth", "heads", "num_classes"):
+            value = getattr(self, name)
+            _require(value >= 1, f"model.{name}", f"must be >= 1, got {value}")
+        _require(
+            self.image_size % self.patch_size == 0,
+            "model.image_size",
+            f"{self.image_size} is not divisible by model.patch_size={self.patch_size}; "
+            "choose a model.patch_size that divides it",
+        )
+        _require(
+            self.width % self.heads == 0,
+            "model.width",
+            f"{self.width} is not divisible by model.heads={self.heads}; choose a model.heads that divides it",
+        )
+        _require(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+
+
+# --------------------------------------------------------------------------- optimizer
+@dataclass
+class OptimConfig:
+    _target_: str = MISSING
+    # Optimizers need parameters: the config is a partial, completed in runner.build.
+    _partial_: bool = True
+    lr: float = 1e-3
+    # Applied to weights only; biases, norms and scalars (ndim < 2) get none.
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "opt.lr", f"must be > 0, got {self.lr}")
+        _require(self.weight_decay >= 0, "opt.weight_decay", f"must be >= 0, got {self.weight_decay}")
+
+
+@dataclass
+class AdamWConfig(OptimConfig):
+    _target_: str = "torch.optim.AdamW"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(len(self.betas) == 2, "opt.betas", f"needs two values, got {list(self.betas)}")
+        _require(
+            all(0 <= b < 1 for b in self.betas),
+            "opt.betas",
+            f"each must be in [0, 1), got {list(self.betas)}",
+        )
+        _require(self.eps > 0, "opt.eps", f"must be > 0, got {self.eps}")
+
+
+@dataclass
+class SGDConfig(OptimConfig):
+    _target_: str = "torch.optim.SGD"
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.momentum >= 0, "opt.momentum", f"must be >= 0, got {self.momentum}")
+        _require(not self.nesterov or self.momentum > 0, "opt.nesterov", "needs opt.momentum > 0")
+
+
+# --------------------------------------------------------------------------- schedule
+@dataclass
+class ScheduleConfig:
+    _target_: str = MISSING
+    # Linear warmup from ~0 to opt.lr over this many steps.
+    warmup_steps: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, "sched.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+
+
+@dataclass
+class CosineConfig(ScheduleConfig):
+    _target_: str = "runner.optim.CosineSchedule"
+    # Final learning rate as a fraction of opt.lr.
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(0 <= self.min_lr_ratio <= 1, "sched.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass
+class ConstConfig(ScheduleConfig):
+    _target_: str = "runner.optim.ConstSchedule"
+
+
+@dataclass
+class ConstCooldownConfig(ScheduleConfig):
+    _target_: str = "runner.optim.ConstCooldownSchedule"
+    # Steps at the end of training over which the rate decays to cooldown_end_ratio * opt.lr.
+    cooldown_steps: int = 100
+    cooldown_power: float = 1.0
+    cooldown_end_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.cooldown_steps >= 1, "sched.cooldown_steps", f"must be >= 1, got {self.cooldown_steps}")
+        _require(self.cooldown_power > 0, "sched.cooldown_power", f"must be > 0, got {self.cooldown_power}")
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    image_size: int = 32
+    num_classes: int = 10
+    # Loader worker processes per rank (0 = load in the training process).
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        _require(self.image_size >= 1, "data.image_size", f"must be >= 1, got {self.image_size}")
+        _require(self.num_classes >= 2, "data.num_classes", f"must be >= 2, got {self.num_classes}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+
+
+@dataclass
+class SyntheticConfig(DataConfig):
+    _target_: str = "runner.data.synthetic_splits"
+    train_size: int = 8192
+    eval_size: int = 1024
+    # Pixel noise around each class pattern; higher is harder.
+    noise: float = 1.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _require(self.train_size >= 1, "data.train_size", f"must be >= 1, got {self.train_size}")
+        _require(self.eval_size >= 1, "data.eval_size", f"must be >= 1, got {self.eval_size}")
+        _require(self.noise >= 0, "data.noise", f"must be >= 0, got {self.noise}")
+
+
+@dataclass
+class ImageFolderConfig(DataConfig):
+    _target_: str = "runner.data.imagefolder_splits"
+    # Any fsspec URL holding train/<class>/<image> (and optionally val/<class>/<image>).
+    root: str = MISSING
+    train_split: str = "train"
+    eval_split: str = "val"
+    num_workers: int = 4
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+# --------------------------------------------------------------------------- storage
+@dataclass
+class StorageConfig:
+    _target_: str = "runner.storage.build_storage"
+    # Remote root for run directories (s3://bucket/prefix); empty = local only.
+    url: str = ""
+    # S3-compatible endpoint, e.g. http://127.0.0.1:9000; empty = AWS.
+    endpoint_url: str = ""
+    region: str = ""
+    # Background sync interval: seconds or 30s / 5m / 1h.
+    sync_every: str = "5m"
+    # Glob patterns (relative to the run directory) never uploaded.
+    exclude: list[str] = field(default_factory=lambda: ["*.tmp", "*.tmp/*", "logs/*"])
+    # Extra keyword arguments for the fsspec filesystem (no secrets: use the AWS credential chain).
+    client_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        parse_duration(self.sync_every, "storage.sync_every")
+
+
+# --------------------------------------------------------------------------- trainer
+PRECISIONS = ("fp32", "bf16", "amp_fp16")
+ON_NONFINITE = ("stop", "skip")
+ON_SAVE_ERROR = ("fail", "warn")
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 300
+    # Per-rank batch size; global batch = batch_size x world size x grad_accum_steps.
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    # One of fp32, bf16, amp_fp16 (autocast; amp_fp16 adds a GradScaler).
+    precision: str = "fp32"
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip_norm: float = 1.0
+    log_every: int = 10
+    eval_every: int = 100
+    # Batches per evaluation (0 = the whole eval split).
+    eval_batches: int = 0
+    # Save a checkpoint every N steps (and always at the end).
+    ckpt_every: int = 100
+    keep_latest_k: int = 2
+    # Write checkpoints in the background (snapshot to CPU, then train on); single-process runs only,
+    # runs with several ranks save synchronously (see runner/async_save.py).
+    async_ckpt: bool = True
+    # When a checkpoint is due while the previous one is still being written: wait for it, or skip this one.
+    ckpt_in_flight: str = "wait"
+    seed: int = 0
+    # Wrap the model in torch.compile.
+    compile: bool = False
+    # auto (newest valid checkpoint of this run), none (start fresh) or a checkpoint path/URL.
+    resume: str = "auto"
+    # Torch intra-op threads (0 = torch's default).
+    threads: int = 0
+    device: str = "auto"
+    # A step whose gradient norm is NaN/Inf: stop (save the last good state, exit non-zero) or skip it
+    # (no update; counted as train/skipped_steps).
+    on_nonfinite: str = "stop"
+    # A checkpoint save that fails mid-run (e.g. disk full): fail (exit non-zero) or warn and keep training.
+    # The final save of a run always fails loudly.
+    on_save_error: str = "fail"
+    # Seconds a collective waits for the other ranks before failing (a hung rank). A rank that dies is
+    # noticed at once (its connections close); this bounds the wait for one that hangs.
+    dist_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "ckpt_every"):
+            value = getattr(self, name)
+            _require(value >= 1, f"trainer.{name}", f"must be >= 1, got {value}")
+        _require(self.keep_latest_k >= 1, "trainer.keep_latest_k", f"must be >= 1, got {self.keep_latest_k}")
+        _require(
+            self.ckpt_in_flight in ("wait", "skip"),
+            "trainer.ckpt_in_flight",
+            f"unknown value {self.ckpt_in_flight!r}; choose one of wait, skip",
+        )
+        _require(self.eval_batches >= 0, "trainer.eval_batches", f"must be >= 0, got {self.eval_batches}")
+        _require(
+            self.precision in PRECISIONS,
+            "trainer.precision",
+            f"unknown value {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
+        )
+        _require(self.grad_clip_norm >= 0, "trainer.grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
+        _require(self.threads >= 0, "trainer.threads", f"must be >= 0, got {self.threads}")
+        _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", f"must be > 0 seconds, got {self.dist_timeout_s}")
+        _require(
+            self.device in ("auto", "cpu", "cuda"),
+            "trainer.device",
+            f"unknown value {self.device!r}; choose one of auto, cpu, cuda",
+        )
+        _require(bool(self.resume.strip()), "trainer.resume", "must be auto, none or a checkpoint path")
+        _require(
+            self.on_nonfinite in ON_NONFINITE,
+            "trainer.on_nonfinite",
+            f"unknown value {self.on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}",
+        )
+        _require(
+            self.on_save_error in ON_SAVE_ERROR,
+            "trainer.on_save_error",
+            f"unknown value {self.on_save_error!r}; choose one of {', '.join(ON_SAVE_ERROR)}",
+        )
+
+
+# --------------------------------------------------------------------------- root
+@dataclass
+class RunConfig:
+    # Run name: the run directory and the remote prefix. Derived from the overrides by default.
+    name: str = MISSING
+    model: Any = MISSING
+    opt: Any = MISSING
+    sched: Any = MISSING
+    data: Any = MISSING
+    storage: StorageConfig = MISSING
+    trainer: TrainerConfig = MISSING
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+-]*$")
+
+
+def check_name(name: str) -> str:
+    """A run name is one path component that cannot escape the run root."""
+    ok = bool(_SAFE_NAME.match(name)) and ".." not in name and len(name) <= 200
+    _require(ok, "name", f"{name!r} is not a safe run name; use letters, digits and _ . , = + -")
+    return name
+
+
+def check_combinations(cfg: DictConfig) -> None:
+    """Checks across groups, which no single schema's ``__post_init__`` can see."""
+    trainer = cfg.trainer
+    train_size = cfg.data.get("train_size")
+    if train_size is not None:
+        _require(
+            trainer.batch_size <= train_size,
+            "trainer.batch_size",
+            f"{trainer.batch_size} is larger than data.train_size={train_size}; "
+            "lower trainer.batch_size (or raise trainer.grad_accum_steps) or use more data",
+        )
+    # NOTE: no check of sched.warmup_steps against trainer.max_steps: short smoke runs (max_steps=2)
+    # of a real config are legitimate, and the schedules handle them.
+
+
+def check_known_keys(node: Any, path: str = "") -> None:
+    """Every key of a schema-typed section is a field of its schema.
+
+    NOTE: ``+trainer.lr=0.1`` adds a key even to a struct node (``+`` opens it), and ``to_object`` then
+    silently drops it: the user would train believing they set something. So we look ourselves.
+    """
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if schema is not None and dataclasses.is_dataclass(schema):
+        fields = [f.name for f in dataclasses.fields(schema)]
+        for key in map(str, node):
+            _require(
+                key in fields,
+                f"{path}{key}",
+                f"unknown key; valid keys: {', '.join(f for f in fields if not f.startswith('_'))}",
+            )
+    for key in map(str, node):
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            check_known_keys(child, f"{path}{key}.")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Resolve every interpolation and run each schema's range checks (``__post_init__``), then the
+    checks across groups."""
+    check_known_keys(cfg)
+    OmegaConf.to_object(cfg)
+    check_name(str(cfg.name))
+    check_combinations(cfg)
+
+
+#: Nodes a YAML config file may expand to through its aliases (``*name``): far more than any hand-written
+#: config, far fewer than a "billion laughs" file whose nested aliases expand exponentially (YAML shares
+#: them, but OmegaConf copies each use).
+MAX_YAML_EXPANDED_NODES = 100_000
+
+
+def limit_yaml_aliases() -> None:
+    """Make OmegaConf's YAML loader (what Hydra reads config files with) refuse alias bombs.
+
+    NOTE: this wraps ``omegaconf._utils.get_yaml_loader``, which ``OmegaConf.load`` looks up at each call.
+    Installed once by ``runner.__main__``; tests/reliability/test_hostile.py checks it still bites.
+    """
+    import omegaconf._utils as omegaconf_utils
+    import yaml
+
+    original = omegaconf_utils.get_yaml_loader
+    if getattr(original, "_runner_guarded", False):
+        return
+
+    def expanded(node: Any, memo: dict[int, int]) -> int:
+        if id(node) not in memo:
+            memo[id(node)] = 1  # a cycle counts once
+            if isinstance(node, yaml.MappingNode):
+                memo[id(node)] = 1 + sum(expanded(k, memo) + expanded(v, memo) for k, v in node.value)
+            elif isinstance(node, yaml.SequenceNode):
+                memo[id(node)] = 1 + sum(expanded(v, memo) for v in node.value)
+        return memo[id(node)]
+
+    def guarded() -> Any:
+        base = original()
+
+        class AliasLimitedLoader(base):  # type: ignore[misc,valid-type]
+            _expanded = 0
+            _memo: dict[int, int] | None = None
+
+            def compose_node(self, parent: Any, index: Any) -> Any:
+                if self.check_event(yaml.AliasEvent):
+                    mark = self.peek_event().start_mark
+                    node = super().compose_node(parent, index)
+                    if self._memo is None:
+                        self._memo = {}
+                    self._expanded += expanded(node, self._memo)
+                    if self._expanded > MAX_YAML_EXPANDED_NODES:
+                        raise yaml.composer.ComposerError(
+                            None,
+                            None,
+                            f"its aliases (*name) expand to more than {MAX_YAML_EXPANDED_NODES} values, refused as "
+                            "a possible alias bomb; write the values out or use ${...} interpolation",
+                            mark,
+                        )
+                    return node
+                return super().compose_node(parent, index)
+
+        return AliasLimitedLoader
+
+    guarded._runner_guarded = True  # type: ignore[attr-defined]
+    omegaconf_utils.get_yaml_loader = guarded
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+    schemas: dict[str, dict[str, type]] = {
+        "model": {"vit": ViTConfig},
+        "opt": {"adamw": AdamWConfig, "sgd": SGDConfig},
+        "sched": {"cosine": CosineConfig, "const": ConstConfig, "const_cooldown": ConstCooldownConfig},
+        "data": {"synthetic": SyntheticConfig, "imagefolder": ImageFolderConfig},
+        "storage": {"storage": StorageConfig},
+        "trainer": {"trainer": TrainerConfig},
+    }
+    for group, nodes in schemas.items():
+        for name, node in nodes.items():
+            cs.store(group=f"schema/{group}", name=name, node=node)

@@ -1,0 +1,171 @@
+"""A local device pool: run sweep members N at a time, each pinned to its own device slots.
+
+This module knows nothing about Hydra (the launcher plugin in ``hydra_plugins/runner_pool`` adapts it):
+it takes commands, hands each one ``slots_per_member`` free slots when they are available, runs it in
+its own process group with its output in a log file, and reports start/end times, slots, exit code and
+log path for every member. A member that fails is reported with its log path; the others keep running.
+
+Slots are GPU indices (pinned through ``CUDA_VISIBLE_DEVICES``) on a CUDA machine, else CPU cores (pinned
+through the member's CPU affinity, set by the worker from ``RUNNER_POOL_CPUS``, and ``OMP_NUM_THREADS``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+log = logging.getLogger(__name__)
+
+CPU_ENV = "RUNNER_POOL_CPUS"
+
+
+class PoolConfigError(ValueError):
+    """The pool's settings cannot work on this machine (the message names the setting and the fix)."""
+
+
+@dataclass(frozen=True)
+class Devices:
+    kind: str  # "cuda" or "cpu"
+    ids: tuple[int, ...]
+
+
+def detect_devices(device: str) -> Devices:
+    """Visible GPUs when ``device`` is cuda (or auto and there are any), else the CPUs we may run on."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise PoolConfigError(f"hydra.launcher.device={device!r}: choose one of auto, cuda, cpu")
+    if device != "cpu":
+        import torch  # NOTE: lazily, so Hydra's plugin discovery stays fast.
+
+        count = torch.cuda.device_count()
+        if count:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [int(x) for x in visible.split(",") if x.strip()] if visible else list(range(count))
+            return Devices("cuda", tuple(ids[:count]))
+        if device == "cuda":
+            raise PoolConfigError("hydra.launcher.device=cuda but no CUDA device is visible; use device=cpu")
+    return Devices("cpu", tuple(sorted(os.sched_getaffinity(0))))
+
+
+def plan(devices: Devices, slots: int | None, slots_per_member: int, max_parallel: int | None) -> tuple[int, int]:
+    """(number of slots, members at once), validated."""
+    total = slots if slots is not None else len(devices.ids)
+    if total < 1:
+        raise PoolConfigError(f"hydra.launcher.slots={slots}: must be >= 1")
+    if devices.kind == "cuda" and total > len(devices.ids):
+        raise PoolConfigError(f"hydra.launcher.slots={total} but only {len(devices.ids)} GPUs are visible; lower slots")
+    if not 1 <= slots_per_member <= total:
+        raise PoolConfigError(
+            f"hydra.launcher.slots_per_member={slots_per_member}: must be between 1 and slots={total}"
+        )
+    parallel = total // slots_per_member
+    if max_parallel is not None:
+        if max_parallel < 1:
+            raise PoolConfigError(f"hydra.launcher.max_parallel={max_parallel}: must be >= 1")
+        parallel = min(parallel, max_parallel)
+    return total, parallel
+
+
+def pin_env(devices: Devices, slots: Sequence[int]) -> dict[str, str]:
+    """Environment that confines a member to ``slots`` (indices into ``devices.ids``)."""
+    chosen = [devices.ids[s % len(devices.ids)] for s in slots]
+    if devices.kind == "cuda":
+        return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, chosen))}
+    return {CPU_ENV: ",".join(map(str, chosen)), "OMP_NUM_THREADS": str(len(slots)), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def apply_cpu_pinning() -> None:
+    """In the member process: restrict it to the CPUs the pool gave it (no-op outside the pool)."""
+    cpus = os.environ.get(CPU_ENV)
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
+
+
+@dataclass
+class Member:
+    index: int
+    command: list[str]
+    log_path: str
+    label: str = ""
+    slots: list[int] = field(default_factory=list)
+    pid: int = 0
+    start: float = 0.0
+    end: float = 0.0
+    returncode: int | None = None
+
+
+def run_pool(
+    members: Sequence[Member],
+    devices: Devices,
+    total_slots: int,
+    slots_per_member: int,
+    parallel: int,
+    events_path: str,
+    env: dict[str, str] | None = None,
+    poll_s: float = 0.2,
+) -> list[Member]:
+    """Run every member, at most ``parallel`` at once, each on its own slots; returns them finished."""
+    free = list(range(total_slots))
+    pending = list(members)
+    running: dict[int, tuple[Member, subprocess.Popen[bytes]]] = {}
+    os.makedirs(os.path.dirname(events_path) or ".", exist_ok=True)
+    try:
+        while pending or running:
+            while pending and len(running) < parallel and len(free) >= slots_per_member:
+                member = pending.pop(0)
+                member.slots, free = free[:slots_per_member], free[slots_per_member:]
+                os.makedirs(os.path.dirname(member.log_path) or ".", exist_ok=True)
+                with open(member.log_path, "ab") as out:
+                    proc = subprocess.Popen(
+                        member.command,
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        env={**os.environ, **(env or {}), **pin_env(devices, member.slots)},
+                        start_new_session=True,
+                    )
+                member.pid, member.start = proc.pid, time.time()
+                running[proc.pid] = (member, proc)
+                log.info(
+                    "pool: #%d %s started on %s slots %s (log %s)",
+                    member.index,
+                    member.label,
+                    devices.kind,
+                    member.slots,
+                    member.log_path,
+                )
+            for pid, (member, proc) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                member.end, member.returncode = time.time(), code
+                free = sorted(free + member.slots)
+                del running[pid]
+                _append_event(events_path, member)
+                if code == 0:
+                    log.info("pool: #%d %s finished in %.1fs", member.index, member.label, member.end - member.start)
+                else:
+                    log.error(
+                        "pool: #%d %s FAILED with exit code %d; log: %s",
+                        member.index,
+                        member.label,
+                        code,
+                        member.log_path,
+                    )
+            time.sleep(poll_s)
+    finally:
+        for _member, proc in running.values():  # interrupted: take every member's process group down
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return list(members)
+
+
+def _append_event(path: str, member: Member) -> None:
+    record = {k: v for k, v in asdict(member).items() if k != "command"}
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")

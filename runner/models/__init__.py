@@ -1,0 +1,1 @@
+"""Plain nn.Modules; configs point at them with ``_target_``."""

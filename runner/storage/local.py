@@ -1,0 +1,109 @@
+"""Local-disk storage: os/shutil, atomic rename, fsync where durability matters."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import IO
+
+CHUNK = 8 << 20
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write to a temporary file beside ``path``, fsync, rename over it, fsync the folder."""
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(folder)
+
+
+class LocalStorage:
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def url(self, path: str = "") -> str:
+        return os.path.join(self.root, path) if path else self.root
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(self.url(path))
+
+    def list(self, path: str = "") -> list[str]:
+        try:
+            return sorted(os.listdir(self.url(path)))
+        except FileNotFoundError:
+            return []
+
+    def walk(self, path: str = "") -> dict[str, int]:
+        out: dict[str, int] = {}
+        base = self.url(path)
+        for folder, _, files in os.walk(base):
+            for name in files:
+                full = os.path.join(folder, name)
+                out[os.path.relpath(full, self.root).replace(os.sep, "/")] = os.path.getsize(full)
+        return out
+
+    def open(self, path: str, mode: str = "rb") -> IO[bytes]:
+        if "w" in mode or "a" in mode:
+            os.makedirs(os.path.dirname(self.url(path)), exist_ok=True)
+        return open(self.url(path), mode)
+
+    def read_bytes(self, path: str) -> bytes:
+        with open(self.url(path), "rb") as f:
+            return f.read()
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        atomic_write(self.url(path), data)
+
+    def put(self, local_file: str, path: str) -> None:
+        dst = self.url(path)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        tmp = f"{dst}.part"
+        shutil.copyfile(local_file, tmp)
+        os.replace(tmp, dst)
+
+    def get(self, path: str, local_file: str) -> None:
+        os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
+        tmp = f"{local_file}.part"
+        shutil.copyfile(self.url(path), tmp)
+        os.replace(tmp, local_file)
+
+    def delete(self, path: str) -> None:
+        target = self.url(path)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target, ignore_errors=False)
+        elif os.path.lexists(target):
+            os.unlink(target)
+
+    def size(self, path: str) -> int:
+        return os.path.getsize(self.url(path))
+
+    def checksum(self, path: str) -> str:
+        return sha256_file(self.url(path))

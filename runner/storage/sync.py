@@ -1,0 +1,469 @@
+"""Mirror a local run directory to its remote home in the background, without ever blocking training.
+
+One *pass*: one remote listing, one local walk, decide per file, upload what changed in parallel, then
+upload checkpoint manifests (only for folders whose data all made it), then apply remote retention.
+
+Change detection (the part size-only tools get wrong): a file is skipped when its size and mtime equal
+those recorded at its last upload *and* the remote still holds an object of that size. Otherwise, if
+the sizes match, the content key of the local file (the S3 ETag computed locally, or sha256 for other
+backends) decides; a same-size rewrite therefore uploads, and a checkpoint downloaded for a resume does
+not. Content keys are cached by (size, mtime) so a file is hashed at most once per change.
+
+Transfers (S3 through boto3, anything else through :class:`Storage`) live in :mod:`.transfer`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+from runner.storage.base import StorageError
+from runner.storage.transfer import Remote, RemoteObject, open_remote
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+CKPT_PREFIX = "checkpoints/"
+
+
+class SyncError(StorageError):
+    """The final sync did not reach the remote: the run's results are not safe there."""
+
+
+# --------------------------------------------------------------------------- one pass
+@dataclass
+class _Seen:
+    size: int
+    mtime_ns: int
+    #: Content key of this (size, mtime) version, once known.
+    key: str | None = None
+
+
+@dataclass
+class PassResult:
+    uploaded: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def _scrub(text: str) -> str:
+    """Error text with any credential from the environment blanked (botocore echoes request details)."""
+    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
+        value = os.environ.get(var)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
+def _is_unreachable(error: BaseException) -> bool:
+    """Connection refused / timed out (the remote is down), as opposed to a problem with one file."""
+    names = {cls.__name__ for cls in type(error).__mro__}
+    return isinstance(error, ConnectionError | TimeoutError) or bool(
+        names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"}
+    )
+
+
+def is_excluded(rel: str, patterns: list[str]) -> bool:
+    """Never upload uncommitted work (``*.tmp`` folders, ``.part`` files) or what the user excluded."""
+    parts = rel.split("/")
+    if any(p.endswith(".tmp") for p in parts) or parts[-1].endswith(".part"):
+        return True
+    return any(fnmatch.fnmatch(rel, pat) or fnmatch.fnmatch(parts[-1], pat) for pat in patterns)
+
+
+def _checkpoint_of(rel: str) -> str | None:
+    """``checkpoints/step_N`` for a file inside a checkpoint folder, else None."""
+    if not rel.startswith(CKPT_PREFIX):
+        return None
+    parts = rel.split("/")
+    return "/".join(parts[:2]) if len(parts) >= 3 else None
+
+
+def _step(folder: str) -> int | None:
+    name = folder.rsplit("/", 1)[-1]
+    return int(name[5:]) if name.startswith("step_") and name[5:].isdigit() else None
+
+
+class Syncer:
+    """Mirrors ``local_dir`` to ``remote``; :meth:`start` runs passes every ``every_s`` on a thread.
+
+    Remote retention: after a pass, checkpoints this syncer uploaded beyond the newest ``keep_latest_k``
+    remote ones are deleted (manifest first, so a half-deleted checkpoint is never valid), except any
+    step in ``protect`` and the newest remote checkpoint.
+    """
+
+    def __init__(
+        self,
+        local_dir: str,
+        remote: Remote,
+        every_s: float = 300.0,
+        exclude: list[str] | None = None,
+        keep_latest_k: int = 0,
+        protect: set[int] | None = None,
+        workers: int = 16,
+        retries: int = 3,
+        backoff_s: float = 0.5,
+        warn_every_s: float = 30.0,
+    ) -> None:
+        self.local_dir = os.path.abspath(local_dir)
+        self.remote = remote
+        self.every_s = every_s
+        self.exclude = list(exclude or [])
+        self.keep_latest_k = keep_latest_k
+        self.protect = set(protect or ())
+        self.workers = workers
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.warn_every_s = warn_every_s
+        self._seen: dict[str, _Seen] = {}
+        #: Content key of each file's latest hashed version: rel -> (size, mtime_ns, key).
+        self._keys: dict[str, tuple[int, int, str]] = {}
+        self._written: set[int] = set()
+        self._confirmed: set[int] = set()
+        self._superseded: set[int] = set()
+        self._lock = threading.Lock()
+        self._pass_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._last_ok = time.time()
+        self._last_warn = 0.0
+        self._silenced = 0
+        self.failures = 0
+        self.last: PassResult | None = None
+        #: Set when an upload fails because the remote is unreachable (not for one bad file): the rest of
+        #: the pass is not attempted, since an outage would otherwise cost retries x backoff per file.
+        self._abort = threading.Event()
+
+    # ----------------------------------------------------------------- status
+    def confirmed(self, step: int) -> bool:
+        """True once checkpoint ``step`` may go locally: it is on the remote (data and manifest), or it was
+        superseded before it was uploaded and a newer checkpoint is on the remote."""
+        with self._lock:
+            if step in self._confirmed:
+                return True
+            return step in self._superseded and any(c > step for c in self._confirmed)
+
+    def _superseded_steps(self, local: dict[str, os.stat_result], listing: dict[str, RemoteObject]) -> set[int]:
+        """Committed local checkpoints already beyond ``keep_latest_k`` and not on the remote yet.
+
+        Uploading them would only feed remote retention: when passes fall behind fast checkpoints, the
+        backlog (not the newest checkpoint) would decide how stale the remote is.
+        """
+        if self.keep_latest_k < 1:
+            return set()
+        committed = sorted(
+            {
+                s
+                for rel in local
+                if rel.endswith("/" + MANIFEST) and (s := _step(_checkpoint_of(rel) or "")) is not None
+            },
+            reverse=True,
+        )
+        return {
+            s
+            for s in committed[self.keep_latest_k :]
+            if s not in self.protect and f"checkpoints/step_{s}/{MANIFEST}" not in listing
+        }
+
+    def metrics(self) -> dict[str, float]:
+        """``sync/*`` scalars: lag since the last fully successful pass, last pass size and speed."""
+        last = self.last or PassResult()
+        return {
+            "lag_s": time.time() - self._last_ok,
+            "bytes": float(last.bytes),
+            "files": float(len(last.uploaded)),
+            "mb_per_s": last.bytes / last.seconds / 1e6 if last.seconds > 0 else 0.0,
+            "failed_passes": float(self.failures),
+        }
+
+    # ----------------------------------------------------------------- one pass
+    def _local_files(self) -> dict[str, os.stat_result]:
+        out: dict[str, os.stat_result] = {}
+        for folder, dirs, files in os.walk(self.local_dir):
+            dirs[:] = [d for d in dirs if not d.endswith(".tmp")]
+            for name in files:
+                full = os.path.join(folder, name)
+                rel = os.path.relpath(full, self.local_dir).replace(os.sep, "/")
+                if is_excluded(rel, self.exclude):
+                    continue
+                with contextlib.suppress(FileNotFoundError):  # Retention may delete it as we look.
+                    out[rel] = os.stat(full)
+        return out
+
+    def _key(self, rel: str, st: os.stat_result) -> str:
+        cached = self._keys.get(rel)
+        if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
+            return cached[2]
+        key = self.remote.content_key(os.path.join(self.local_dir, rel))
+        self._keys[rel] = (st.st_size, st.st_mtime_ns, key)
+        return key
+
+    def _needs_upload(self, rel: str, st: os.stat_result, there: RemoteObject | None) -> bool:
+        if there is None or there.size != st.st_size:
+            return True
+        seen = self._seen.get(rel)
+        if seen is not None and (seen.size, seen.mtime_ns) == (st.st_size, st.st_mtime_ns):
+            if seen.key is None and there.etag is not None:
+                seen.key = there.etag  # Uploaded by us from this exact version: the listing names its key.
+            # A different remote key means someone replaced the object: put ours back.
+            return not (seen.key is None or there.etag is None or seen.key == there.etag)
+        # Same size, different or unknown version: compare content.
+        key = self._key(rel, st)
+        remote_key = there.etag if there.etag is not None else (seen.key if seen is not None else None)
+        if key == remote_key:
+            self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key)
+            return False
+        return True
+
+    def _upload(self, rel: str, st: os.stat_result, progress: Callable[[int], None] | None) -> str | None:
+        """Upload one file with retries; returns an error message, or None on success (or if it vanished)."""
+        full = os.path.join(self.local_dir, rel)
+        if self._abort.is_set():
+            return f"{rel}: not attempted (an earlier upload of this pass failed)"
+        error, unreachable = "", False
+        for attempt in range(self.retries):
+            try:
+                key = None if self.remote.lists_content_keys else self._key(rel, st)
+                self.remote.upload(full, rel, progress)
+                self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key)
+                return None
+            except FileNotFoundError:
+                if not os.path.exists(full):
+                    return None  # Deleted locally (retention) after the walk: nothing to mirror.
+                error = f"{rel}: not found on the remote side"
+            except Exception as e:
+                error = f"{rel}: {type(e).__name__}: {_scrub(str(e))}"
+                unreachable = _is_unreachable(e)
+            if attempt + 1 < self.retries and not self._stopping.is_set():
+                time.sleep(self.backoff_s * 2**attempt)
+        if unreachable:
+            self._abort.set()
+        return error
+
+    def sync_once(self, progress: bool = False) -> PassResult:
+        """One full pass (blocking). Errors are returned in ``PassResult.failed``, except a failed listing."""
+        with self._pass_lock:
+            return self._pass(progress)
+
+    def _pass(self, progress: bool) -> PassResult:
+        started = time.perf_counter()
+        result = PassResult()
+        self._abort.clear()
+        listing = self.remote.listing()
+        local = self._local_files()
+        superseded = self._superseded_steps(local, listing)
+        with self._lock:
+            self._superseded |= superseded
+        local = {rel: st for rel, st in local.items() if _step(_checkpoint_of(rel) or "") not in superseded}
+        todo = {rel: st for rel, st in local.items() if self._needs_upload(rel, st, listing.get(rel))}
+        manifests = {rel: st for rel, st in todo.items() if _checkpoint_of(rel) and rel.endswith("/" + MANIFEST)}
+        data = {rel: st for rel, st in todo.items() if rel not in manifests}
+
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            total = sum(st.st_size for st in todo.values())
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="final sync", dynamic_ncols=True)
+        lock = threading.Lock()
+
+        def tick(n: int) -> None:
+            if bar is not None:
+                with lock:
+                    bar.update(n)
+
+        try:
+            self._upload_all(data, result, tick)
+            # NOTE: a manifest goes up only once every file of its folder is there: it is what makes a
+            # remote checkpoint valid, so it must never be visible before its data.
+            broken = {_checkpoint_of(rel) for rel in result.failed}
+            ready = {rel: st for rel, st in manifests.items() if _checkpoint_of(rel) not in broken}
+            for rel in manifests.keys() - ready.keys():
+                result.failed[rel] = "held back: a data file of this checkpoint failed to upload"
+            self._upload_all(ready, result, tick)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        failed_folders = {_checkpoint_of(rel) for rel in result.failed}
+        with self._lock:
+            for rel in local:
+                folder = _checkpoint_of(rel)
+                if folder and rel.endswith("/" + MANIFEST) and folder not in failed_folders:
+                    step = _step(folder)
+                    if step is not None:
+                        self._confirmed.add(step)
+                        if rel in ready:
+                            self._written.add(step)
+        if result.ok:
+            self._retain(listing, local, result)
+        result.seconds = time.perf_counter() - started
+        self.last = result
+        return result
+
+    def _upload_all(self, files: dict[str, os.stat_result], result: PassResult, tick: Callable[[int], None]) -> None:
+        if not files:
+            return
+        # Largest first: big checkpoint shards start early and small files fill the gaps.
+        order = sorted(files, key=lambda r: -files[r].st_size)
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(order)), thread_name_prefix="sync") as pool:
+            futures = {pool.submit(self._upload, rel, files[rel], tick): rel for rel in order}
+            for fut in as_completed(futures):
+                rel = futures[fut]
+                error = fut.result()
+                if error is None:
+                    result.uploaded.append(rel)
+                    result.bytes += files[rel].st_size
+                else:
+                    result.failed[rel] = error
+
+    def _retain(self, listing: dict[str, RemoteObject], local: dict[str, os.stat_result], result: PassResult) -> None:
+        if self.keep_latest_k < 1:
+            return
+        present = set(listing) | set(result.uploaded)
+        manifests = [_checkpoint_of(rel) or "" for rel in present if rel.endswith("/" + MANIFEST)]
+        valid = sorted({s for folder in manifests if (s := _step(folder)) is not None}, reverse=True)
+        if not valid:
+            return
+        keep = set(valid[: self.keep_latest_k]) | self.protect | {valid[0]}
+        with self._lock:
+            doomed = sorted(s for s in self._written if s in valid and s not in keep)
+        for step in doomed:
+            folder = f"checkpoints/step_{step}"
+            files = sorted(rel for rel in present if rel.startswith(folder + "/"))
+            try:
+                # Manifest first: from that moment the remote copy is no longer a checkpoint.
+                for rel in sorted(files, key=lambda r: not r.endswith("/" + MANIFEST)):
+                    self.remote.delete(rel)
+            except Exception as e:
+                result.failed[folder] = f"could not delete old remote checkpoint {folder}: {_scrub(str(e))}"
+                continue
+            with self._lock:
+                self._written.discard(step)
+            result.deleted.append(folder)
+            log.info("retention: deleted remote checkpoint %s/%s", self.remote.url, folder)
+
+    # ----------------------------------------------------------------- background
+    def _report(self, result: PassResult | None, error: str = "") -> None:
+        if result is not None and result.ok:
+            if self.failures:
+                log.warning("sync to %s recovered after %d failed passes", self.remote.url, self.failures)
+            self.failures, self._silenced = 0, 0
+            self._last_ok = time.time()
+            if result.uploaded:
+                log.info(
+                    "synced %d files (%.1f MB) to %s in %.1fs",
+                    len(result.uploaded),
+                    result.bytes / 1e6,
+                    self.remote.url,
+                    result.seconds,
+                )
+            return
+        self.failures += 1
+        if not error and result is not None:
+            first = sorted(result.failed.items())[:3]
+            error = f"{len(result.failed)} files failed, e.g. " + "; ".join(msg for _, msg in first)
+        now = time.monotonic()
+        if now - self._last_warn < self.warn_every_s:
+            self._silenced += 1
+            return
+        more = f" ({self._silenced} more failed passes not shown)" if self._silenced else ""
+        self._last_warn, self._silenced = now, 0
+        log.warning(
+            "SYNC FAILED (attempt %d): the remote %s is behind by %.0fs; training continues on local disk and "
+            "the sync retries every %gs. Cause: %s%s",
+            self.failures,
+            self.remote.url,
+            time.time() - self._last_ok,
+            self.every_s,
+            error,
+            more,
+        )
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            self._wake.wait(self.every_s)
+            self._wake.clear()
+            if self._stopping.is_set():
+                break
+            try:
+                self._report(self.sync_once())
+            except Exception as e:  # The background thread must survive anything the remote does.
+                self._report(None, f"{type(e).__name__}: {_scrub(str(e))}")
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="runner-sync", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def final_sync(self, attempts: int = 4) -> PassResult:
+        """Blocking sync with a progress bar (end of run, preemption). Raises :class:`SyncError` on failure."""
+        self.stop()
+        self._stopping.clear()  # Let per-file retries back off normally from here on.
+        error = ""
+        for attempt in range(attempts):
+            try:
+                result = self.sync_once(progress=True)
+                if result.ok:
+                    self._report(result)
+                    return result
+                error = "; ".join(f"{msg}" for _, msg in sorted(result.failed.items())[:5])
+            except Exception as e:
+                error = f"{type(e).__name__}: {_scrub(str(e))}"
+            if attempt + 1 < attempts:
+                log.warning("final sync to %s failed (try %d/%d): %s", self.remote.url, attempt + 1, attempts, error)
+                time.sleep(self.backoff_s * 4**attempt)
+        raise SyncError(
+            f"final sync of {self.local_dir} to {self.remote.url} failed after {attempts} attempts: {error}. "
+            "The local run directory is complete; copy it once the remote is reachable (re-running the same "
+            "command resumes and syncs)."
+        )
+
+
+def finish(syncer: Syncer | None, failed: bool, on_done: Callable[[], object] = lambda: None) -> None:
+    """End of run: stop the background thread and run the final blocking sync.
+
+    After a successful run a failed final sync raises :class:`SyncError` (the process must exit non-zero).
+    If the run itself failed, the final sync still runs (to save what can be saved) but its failure is
+    only logged, so the user sees the original exception. ``on_done`` runs after a successful final sync
+    (local retention of checkpoints that are now confirmed remote).
+    """
+    if syncer is None:
+        return
+    try:
+        syncer.final_sync()
+    except Exception as e:
+        if not failed:
+            raise
+        log.error("%s", e)
+        return
+    on_done()
+
+
+def for_run(plugin: Any, name: str, run_dir: str, keep_latest_k: int, protect: set[int] | None = None) -> Syncer | None:
+    """The syncer for run ``name`` per ``storage.*`` (``plugin`` is a StoragePlugin), or None if local-only."""
+    if not plugin.has_remote:
+        return None
+    remote = open_remote(f"{plugin.url.rstrip('/')}/{name}", plugin.endpoint_url, plugin.region, plugin.client_kwargs)
+    return Syncer(run_dir, remote, plugin.sync_every_s, plugin.exclude, keep_latest_k, protect)

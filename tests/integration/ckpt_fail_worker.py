@@ -1,0 +1,54 @@
+"""One rank of the checkpoint-failure test: ``python ckpt_fail_worker.py <run_dir> <phase> <failing rank>``.
+
+Joins a gloo process group from RANK/WORLD_SIZE/MASTER_*, saves a small TrainState with every rank and
+makes one rank fail in ``phase`` (prepare: before DCP; write: inside DCP's storage writer; commit: rank
+0's manifest). Prints ``RAISED <message>`` and exits 3 when the save raises; exits 0 if it did not.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+
+from runner import checkpoint, distributed
+from runner.data import SyntheticImages, TrainStream
+from runner.state import TrainState
+
+
+def main(run_dir: str, phase: str, failing: int) -> int:
+    env = distributed.detect()
+    distributed.init(env, torch.device("cpu"), timeout_s=120)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    optimizer = torch.optim.AdamW(model.parameters())
+    stream = TrainStream(SyntheticImages(64, 8, 4, 0.5, 0, 0), 4, 0, env.rank, env.world_size, 0, pin=False)
+    state = TrainState(model, optimizer, stream)
+    state.step = 7
+    saver = checkpoint.Checkpointer(run_dir, keep_latest_k=2, config_hash="test")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(f"injected failure on rank {env.rank}")
+
+    if env.rank == failing:
+        if phase == "prepare":
+            state.tensors_and_meta = fail  # type: ignore[method-assign,assignment]
+        elif phase == "write":
+            FileSystemWriter.write_data = fail  # type: ignore[method-assign,assignment]
+        elif phase == "commit":
+            saver._commit = fail  # type: ignore[method-assign,assignment]
+        else:
+            raise SystemExit(f"unknown phase {phase!r}")
+    try:
+        saver.save(state)
+    except checkpoint.CheckpointError as e:
+        print(f"RAISED {e}", flush=True)
+        return 3
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))

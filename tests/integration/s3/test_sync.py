@@ -1,0 +1,248 @@
+"""The background syncer: what it uploads, in which order, what it skips, and how it survives an outage."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runner.storage import StoragePlugin
+from runner.storage.sync import Syncer, SyncError, _scrub
+from runner.storage.transfer import Remote, S3Remote, StorageRemote, s3_etag
+from tests.s3_server import S3Server
+
+MB = 1 << 20
+
+
+def write(root: Path, rel: str, data: bytes, mtime_bump: float = 0.0) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    if mtime_bump:  # NOTE: coarse filesystem clocks could give a rewrite the same mtime; make it differ.
+        st = path.stat()
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(mtime_bump * 1e9)))
+
+
+def checkpoint(root: Path, step: int, payload: bytes = b"w" * 1000) -> None:
+    folder = f"checkpoints/step_{step}"
+    write(root, f"{folder}/__0_0.distcp", payload)
+    write(root, f"{folder}/.metadata", b"meta")
+    write(root, f"{folder}/manifest.json", b'{"step": %d}' % step)
+
+
+def remote_tree(remote: Remote) -> dict[str, int]:
+    return {rel: obj.size for rel, obj in remote.listing().items()}
+
+
+def local_tree(root: Path, skip: Callable[[str], bool] = lambda rel: False) -> dict[str, int]:
+    out = {}
+    for path in root.rglob("*"):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not skip(rel):
+            out[rel] = path.stat().st_size
+    return out
+
+
+def _s3_remote(request: pytest.FixtureRequest) -> Remote:
+    server: S3Server = request.getfixturevalue("s3_server")
+    # 5 MiB parts (S3's minimum) so a small test file already exercises the multipart ETag.
+    return S3Remote(f"s3://{server.new_bucket('sync')}/runs/r1", endpoint_url=server.endpoint, part_bytes=5 * MB)
+
+
+def _memory_remote(request: pytest.FixtureRequest) -> Remote:
+    return StorageRemote(StoragePlugin().open_url(f"memory://sync-{uuid.uuid4().hex[:8]}/runs/r1"))
+
+
+@pytest.fixture(
+    params=[pytest.param(_s3_remote, id="s3", marks=pytest.mark.s3), pytest.param(_memory_remote, id="memory")]
+)
+def remote(request: pytest.FixtureRequest) -> Remote:
+    make: Callable[[pytest.FixtureRequest], Remote] = request.param
+    return make(request)
+
+
+def test_uploads_new_and_changed_files_only(tmp_path: Path, remote: Remote) -> None:
+    run = tmp_path / "run"
+    write(run, "metrics.jsonl", b"a" * 100)
+    write(run, "big.bin", os.urandom(11 * MB))  # multipart on S3
+    write(run, "same.txt", b"1" * 50)
+    write(run, "touched.txt", b"t" * 70)
+    syncer = Syncer(str(run), remote)
+    first = syncer.sync_once()
+    assert sorted(first.uploaded) == ["big.bin", "metrics.jsonl", "same.txt", "touched.txt"]
+    assert syncer.sync_once().uploaded == []
+
+    write(run, "metrics.jsonl", b"a" * 150)  # grew
+    write(run, "same.txt", b"2" * 50, mtime_bump=1)  # same size, new content
+    big = (run / "big.bin").read_bytes()
+    write(run, "big.bin", big[:-1] + bytes([big[-1] ^ 1]), mtime_bump=1)  # one byte of a multipart file
+    write(run, "touched.txt", b"t" * 70, mtime_bump=1)  # new mtime, same content: no upload
+    assert sorted(syncer.sync_once().uploaded) == ["big.bin", "metrics.jsonl", "same.txt"]
+    assert syncer.sync_once().uploaded == []
+    assert remote_tree(remote) == local_tree(run)
+    # A fresh syncer (new process, e.g. after a restart or a resume) knows no upload history: S3 lists
+    # content keys (ETags), so identical files are recognised; other backends list sizes only, so the
+    # syncer re-uploads what it cannot verify rather than trust a size.
+    fresh = Syncer(str(run), remote).sync_once().uploaded
+    assert sorted(fresh) == ([] if remote.lists_content_keys else sorted(local_tree(run)))
+
+
+def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: Remote) -> None:
+    run = tmp_path / "run"
+    checkpoint(run, 3)
+    checkpoint(run, 6)
+    write(run, "metrics.jsonl", b"x")
+    order: list[str] = []
+    real_upload = remote.upload
+
+    def recording(local_file: str, rel: str, progress: Callable[[int], None] | None = None) -> None:
+        if rel == "checkpoints/step_6/.metadata":
+            raise RuntimeError("injected failure")
+        real_upload(local_file, rel, progress)
+        order.append(rel)
+
+    remote.upload = recording  # type: ignore[method-assign]
+    syncer = Syncer(str(run), remote, retries=2, backoff_s=0.01)
+    result = syncer.sync_once()
+    assert set(result.failed) == {"checkpoints/step_6/.metadata", "checkpoints/step_6/manifest.json"}
+    manifest_at = order.index("checkpoints/step_3/manifest.json")
+    assert all(
+        order.index(rel) < manifest_at
+        for rel in order
+        if rel.startswith("checkpoints/step_3/") and rel != "checkpoints/step_3/manifest.json"
+    )
+    assert "checkpoints/step_6/manifest.json" not in remote_tree(remote)
+    assert syncer.confirmed(3) and not syncer.confirmed(6)
+
+    remote.upload = real_upload  # type: ignore[method-assign]
+    assert syncer.sync_once().ok
+    assert syncer.confirmed(6)
+    assert remote_tree(remote) == local_tree(run)
+
+
+def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Remote) -> None:
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    write(run, "checkpoints/step_2.tmp/__0_0.distcp", b"partial")
+    write(run, "checkpoints/step_1/x.part", b"partial")
+    write(run, "logs/rank0.log", b"log")
+    write(run, "tb/events.out", b"e")
+    write(run, "scratch.core", b"c")
+    result = Syncer(str(run), remote, exclude=["logs/*", "*.core"]).sync_once()
+    assert sorted(result.uploaded) == [
+        "checkpoints/step_1/.metadata",
+        "checkpoints/step_1/__0_0.distcp",
+        "checkpoints/step_1/manifest.json",
+        "tb/events.out",
+    ]
+
+
+def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remote: Remote) -> None:
+    # Step 1 is on the remote from an earlier run; this run resumed from step 2 (protected).
+    earlier = tmp_path / "earlier"
+    checkpoint(earlier, 1)
+    checkpoint(earlier, 2)
+    assert Syncer(str(earlier), remote).sync_once().ok
+    run = tmp_path / "run"
+    for step in (2, 3, 4):
+        checkpoint(run, step)
+    syncer = Syncer(str(run), remote, keep_latest_k=2, protect={2})
+    assert syncer.sync_once().deleted == []  # 3 and 4 are the newest two, 2 is protected
+    checkpoint(run, 5)
+    checkpoint(run, 6)
+    result = syncer.sync_once()
+    assert sorted(result.deleted) == ["checkpoints/step_3", "checkpoints/step_4"]
+    steps = {rel.split("/")[1] for rel in remote_tree(remote) if rel.endswith("manifest.json")}
+    assert steps == {"step_1", "step_2", "step_5", "step_6"}
+    assert not any(rel.startswith(("checkpoints/step_3/", "checkpoints/step_4/")) for rel in remote_tree(remote))
+
+
+def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path: Path, remote: Remote) -> None:
+    # Checkpoints came faster than passes: 1-3 are already beyond keep_latest_k=2 when the pass starts.
+    run = tmp_path / "run"
+    for step in (1, 2, 3, 4, 5):
+        checkpoint(run, step)
+    syncer = Syncer(str(run), remote, keep_latest_k=2)
+    assert not syncer.confirmed(1)
+    result = syncer.sync_once()
+    assert {rel.split("/")[1] for rel in result.uploaded} == {"step_4", "step_5"}
+    # Local retention may now drop 1-3: a newer checkpoint is safely remote.
+    assert all(syncer.confirmed(s) for s in (1, 2, 3, 4, 5))
+
+
+def test_scrub_blanks_secrets_from_error_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-5ecret-value")
+    assert _scrub("signature for planted-5ecret-value failed") == "signature for *** failed"
+
+
+def test_s3_etag_matches_what_s3_reports(tmp_path: Path, s3_server: S3Server) -> None:
+    bucket = s3_server.new_bucket("etag")
+    remote = S3Remote(f"s3://{bucket}/p", endpoint_url=s3_server.endpoint, part_bytes=5 * MB)
+    for name, size in (("small", 1000), ("exact", 5 * MB), ("multi", 12 * MB + 3)):
+        write(tmp_path, name, os.urandom(size))
+        remote.upload(str(tmp_path / name), name)
+        assert remote.listing()[name].etag == s3_etag(str(tmp_path / name), 5 * MB), name
+
+
+# --------------------------------------------------------------------------- outages
+def _wait(condition: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
+
+
+@pytest.mark.s3
+def test_outage_warns_and_catches_up(
+    tmp_path: Path, s3_server: S3Server, own_server: S3Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = own_server.new_bucket("outage")
+    remote = S3Remote(f"s3://{bucket}/r", endpoint_url=own_server.endpoint)
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    syncer = Syncer(str(run), remote, every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
+    caplog.set_level(logging.INFO, logger="runner.storage.sync")
+    syncer.start()
+    try:
+        _wait(lambda: syncer.confirmed(1))
+        own_server.stop()
+        checkpoint(run, 2)
+        write(run, "metrics.jsonl", b"during the outage")
+        _wait(lambda: syncer.failures >= 2)
+        warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "SYNC FAILED" in r.message]
+        assert warnings and len(warnings) < syncer.failures, "warn on failure, but rate-limited"
+        assert not syncer.confirmed(2)
+        own_server.start()  # Same port; a fresh server: the bucket has to be created again.
+        own_server.client().create_bucket(Bucket=bucket)
+        _wait(lambda: syncer.confirmed(2))
+    finally:
+        syncer.stop()
+    assert "recovered after" in caplog.text
+    syncer.final_sync()
+    assert remote_tree(remote) == local_tree(run, lambda rel: rel.startswith("checkpoints/step_1/"))
+    # Everything, including what was synced before the outage, is back (step 1 retired by keep_latest_k=1).
+
+
+@pytest.mark.s3
+def test_final_sync_fills_a_fresh_bucket_after_the_server_lost_its_data(tmp_path: Path, own_server: S3Server) -> None:
+    bucket = own_server.new_bucket("fresh")
+    remote = S3Remote(f"s3://{bucket}/r", endpoint_url=own_server.endpoint)
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    write(run, "metrics.jsonl", b"m")
+    syncer = Syncer(str(run), remote, retries=1, backoff_s=0.01)
+    assert syncer.sync_once().ok
+    own_server.stop()
+    checkpoint(run, 2)
+    with pytest.raises(SyncError, match=rf"final sync of .* to s3://{bucket}/r failed after 2 attempts"):
+        syncer.final_sync(attempts=2)
+    own_server.start()  # It comes back empty.
+    own_server.client().create_bucket(Bucket=bucket)
+    syncer.final_sync()
+    assert remote_tree(remote) == local_tree(run)

@@ -1,0 +1,71 @@
+"""The real command line: bad input exits 2 with one line and leaves nothing behind; help and --cfg."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_cli
+
+BAD = [
+    ("opt.lr=abc", "opt.lr"),
+    ("model=nope", "model=nope"),
+    ("trainer.batch_size=0", "trainer.batch_size"),
+    ("trainer.keep_latest_k=0", "trainer.keep_latest_k"),
+    ("opt.lr=-0.1", "opt.lr"),
+    ("trainer.foo=1", "trainer.foo"),
+    ("trainer.precision=fp8", "trainer.precision"),
+    ("name=../../escape", "name"),
+    ("storage.sync_every=often", "storage.sync_every"),
+    ("data=imagefolder", "data.root"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD)
+def test_bad_config_exits_2_with_one_line_and_no_run_dir(workdir: Path, override: str, key: str) -> None:
+    proc = run_cli([override], cwd=workdir, check=False, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: ") and key in lines[0], lines[0]
+    assert list(workdir.iterdir()) == [], "a rejected run left files behind"
+
+
+def test_unknown_option_lists_the_choices(workdir: Path) -> None:
+    proc = run_cli(["model=nope"], cwd=workdir, check=False)
+    assert "vit_tiny" in proc.stderr and "vitb16" in proc.stderr
+
+
+def test_cfg_job_prints_the_composed_config(workdir: Path) -> None:
+    proc = run_cli(["--cfg", "job", "model=vitb16"], cwd=workdir)
+    for group in ("model:", "opt:", "sched:", "data:", "storage:", "trainer:"):
+        assert group in proc.stdout
+    assert "width: 768" in proc.stdout
+    assert list(workdir.iterdir()) == []
+
+
+def test_help_lists_groups_and_options(workdir: Path) -> None:
+    proc = run_cli(["--help"], cwd=workdir)
+    for text in ("model:", "vitb16", "opt:", "sgd", "sched:", "const_cooldown", "data:", "imagefolder", "storage:"):
+        assert text in proc.stdout, text
+
+
+def test_vitb16_runs_two_steps_and_reports_its_size(workdir: Path) -> None:
+    proc = run_cli(
+        [
+            "model=vitb16",
+            "opt=adamw",
+            "trainer.max_steps=2",
+            "trainer.batch_size=2",
+            "data.image_size=64",
+            "data.train_size=8",
+            "data.eval_size=4",
+            "trainer.eval_batches=1",
+            "trainer.ckpt_every=100",
+        ],
+        cwd=workdir,
+    )
+    found = re.search(r"([\d.]+)M parameters", proc.stdout + proc.stderr)
+    assert found is not None and 85 < float(found.group(1)) < 87, proc.stdout[-2000:]

@@ -1,0 +1,93 @@
+"""Kill a run after a checkpoint, run the same command again: it resumes and ends bitwise identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runner.checkpoint import read_tensors
+from runner.metrics import read_metrics
+from tests.conftest import cli_env, run_cli
+
+ARGS = [
+    "+debug=tiny",
+    "trainer.max_steps=40",
+    "trainer.ckpt_every=5",
+    "trainer.keep_latest_k=3",
+    "trainer.log_every=3",  # deliberately not a divisor of ckpt_every: windows span the resume
+    "trainer.eval_every=10",
+]
+
+
+def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    return read_tensors(str(run_dir / "checkpoints" / "step_40"))
+
+
+def losses(run_dir: Path) -> dict[tuple[str, int], float]:
+    return {(r["split"], r["step"]): r["loss"] for r in read_metrics(str(run_dir / "metrics.jsonl"))}
+
+
+def test_sigkill_then_rerun_resumes_bitwise_identically(tmp_path: Path) -> None:
+    straight, interrupted = tmp_path / "straight", tmp_path / "interrupted"
+    run_cli([*ARGS, f"hydra.run.dir={straight}"], cwd=tmp_path)
+
+    cmd = [sys.executable, "-m", "runner", *ARGS, f"hydra.run.dir={interrupted}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (interrupted / "checkpoints" / "step_10").exists():
+            assert proc.poll() is None, "run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.01)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed_at = max(int(p.name.split("_")[1]) for p in (interrupted / "checkpoints").glob("step_*[0-9]"))
+    assert killed_at < 40, "the run finished before the kill"
+
+    again = run_cli([*ARGS, f"hydra.run.dir={interrupted}"], cwd=tmp_path)
+    first_lines = "\n".join(again.stdout.splitlines()[:2])
+    assert f"resuming from step {killed_at}" in first_lines, again.stdout[:2000]
+    assert "trainer.resume=none" in first_lines
+
+    a, b = final_tensors(straight), final_tensors(interrupted)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert losses(straight) == losses(interrupted)
+    rank0 = json.loads((interrupted / "checkpoints" / "step_40" / "rank_0.json").read_text())
+    assert rank0["step"] == 40
+
+
+def test_completed_run_says_so_and_does_nothing(tmp_path: Path) -> None:
+    args = ["+debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
+    run_cli(args, cwd=tmp_path)
+    before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    again = run_cli(args, cwd=tmp_path)
+    assert "already complete at step 6" in again.stdout
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
+
+
+def test_resume_none_starts_fresh_and_keeps_the_old_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli(["+debug=tiny", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    fresh = run_cli(["+debug=tiny", f"hydra.run.dir={run_dir}", "trainer.resume=none"], cwd=tmp_path)
+    assert "starting fresh" in fresh.stdout
+    assert any(p.name.startswith("checkpoints.replaced-") for p in run_dir.iterdir())
+    assert (run_dir / "checkpoints" / "step_6" / "manifest.json").exists()
+
+
+def test_default_name_comes_from_overrides_not_the_clock(tmp_path: Path) -> None:
+    run_cli(["+debug=tiny", "trainer.max_steps=2"], cwd=tmp_path)
+    run_cli(["+debug=tiny", "trainer.max_steps=4"], cwd=tmp_path)
+    runs = sorted(p.name for p in (tmp_path / "outputs").iterdir())
+    assert runs == ["debug=tiny"]
+    assert (tmp_path / "outputs" / "debug=tiny" / "checkpoints" / "step_4").exists()

@@ -1,0 +1,210 @@
+"""Checkpoints: exact round trip, verification, retention, and refusal of pickled payloads."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+from runner import checkpoint
+from runner.checkpoint import MANIFEST, Checkpointer, UnsafeCheckpointError, newest_valid, read_tensors
+from runner.data import SyntheticImages, TrainStream
+from runner.models.vit import VisionTransformer
+from runner.optim import param_groups
+from runner.state import TrainState
+from runner.storage import LocalStorage
+from runner.storage.local import sha256_file
+
+
+def make_state(init_seed: int = 0) -> TrainState:
+    """Same data config every time; ``init_seed`` only changes the model's initial weights."""
+    seed = 0
+    torch.manual_seed(init_seed)
+    model = VisionTransformer(image_size=16, patch_size=8, num_classes=4, width=16, depth=1, heads=2)
+    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
+    data = TrainStream(SyntheticImages(64, 16, 4, 1.0, seed, 0), 8, seed, 0, 1, 0, pin=False)
+    return TrainState(model, opt, data)
+
+
+def train_steps(state: TrainState, n: int) -> None:
+    for _ in range(n):
+        x, y = next(state.data)
+        loss = torch.nn.functional.cross_entropy(state.model(x), y)
+        loss.backward()
+        state.optimizer.step()
+        state.optimizer.zero_grad()
+        state.step += 1
+
+
+def tensors_of(state: TrainState) -> dict[str, torch.Tensor]:
+    out = {f"model.{k}": v for k, v in state.model.state_dict().items()}
+    for i, (k, v) in enumerate(state.optimizer.state_dict()["state"].items()):
+        for name, t in v.items():
+            out[f"optim.{i}.{k}.{name}"] = t
+    return out
+
+
+def test_round_trip_continues_bitwise(tmp_path: Path) -> None:
+    reference = make_state()
+    train_steps(reference, 5)
+    ckpt = Checkpointer(str(tmp_path), keep_latest_k=2, config_hash="x")
+    ckpt.save(reference)
+    train_steps(reference, 9)  # crosses an epoch boundary (8 batches per epoch)
+
+    resumed = make_state(init_seed=1)  # different init: everything must come from the checkpoint
+    ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None and ref.step == 5
+    checkpoint.load(ref, resumed, scratch=str(tmp_path / "scratch"))
+    assert resumed.step == 5
+    train_steps(resumed, 9)
+    a, b = tensors_of(reference), tensors_of(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_manifest_lists_sizes_and_checksums(tmp_path: Path) -> None:
+    state = make_state()
+    train_steps(state, 1)
+    path = Checkpointer(str(tmp_path), 2, "cfg").save(state)
+    manifest = json.loads(Path(path, MANIFEST).read_text())
+    assert manifest["step"] == 1 and manifest["world_size"] == 1 and manifest["config_hash"] == "cfg"
+    for name, info in manifest["files"].items():
+        assert os.path.getsize(os.path.join(path, name)) == info["size"]
+        assert sha256_file(os.path.join(path, name)) == info["checksum"]
+    assert set(read_tensors(path)) >= {"model.head.weight", "optim.state.head.weight.exp_avg"}
+
+
+def _two_checkpoints(tmp_path: Path) -> tuple[Checkpointer, str, str]:
+    state = make_state()
+    ckpt = Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
+    train_steps(state, 1)
+    first = ckpt.save(state)
+    train_steps(state, 1)
+    second = ckpt.save(state)
+    return ckpt, first, second
+
+
+def _distcp(path: str) -> str:
+    return next(os.path.join(path, f) for f in sorted(os.listdir(path)) if f.endswith(".distcp"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    ["no_manifest", "flipped_byte", "truncated", "malformed_manifest", "missing_file", "empty_dir"],
+)
+def test_damaged_newest_is_skipped_with_a_warning(
+    tmp_path: Path, damage: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, first, second = _two_checkpoints(tmp_path)
+    if damage == "no_manifest":
+        os.remove(os.path.join(second, MANIFEST))
+    elif damage == "flipped_byte":
+        target = _distcp(second)
+        data = bytearray(Path(target).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        Path(target).write_bytes(bytes(data))
+    elif damage == "truncated":
+        target = _distcp(second)
+        os.truncate(target, os.path.getsize(target) // 2)
+    elif damage == "malformed_manifest":
+        Path(second, MANIFEST).write_text("{not json")
+    elif damage == "missing_file":
+        os.remove(_distcp(second))
+    elif damage == "empty_dir":
+        shutil.rmtree(second)
+        os.makedirs(second)
+    with caplog.at_level(logging.WARNING, logger="runner.checkpoint"):
+        ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None and ref.step == 1 and ref.url == first
+    assert any("step_2" in r.getMessage() for r in caplog.records), caplog.text
+
+
+def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(tmp_path: Path) -> None:
+    _, _, second = _two_checkpoints(tmp_path)
+    os.remove(os.path.join(second, MANIFEST))
+    with pytest.raises(checkpoint.CheckpointError, match="not a valid checkpoint"):
+        checkpoint.ref_at(LocalStorage(str(tmp_path / "checkpoints")), "step_2")
+
+
+class Payload:
+    """Runs a command when unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _rewrite_manifest(path: str) -> None:
+    """What an attacker does: make the manifest agree with the tampered files."""
+    manifest = json.loads(Path(path, MANIFEST).read_text())
+    manifest["files"] = {}
+    for name in os.listdir(path):
+        if name != MANIFEST:
+            manifest["files"][name] = {
+                "size": os.path.getsize(os.path.join(path, name)),
+                "checksum": sha256_file(os.path.join(path, name)),
+            }
+    Path(path, MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_pickled_metadata_cannot_run_code(tmp_path: Path) -> None:
+    _, _, second = _two_checkpoints(tmp_path)
+    marker = tmp_path / "pwned"
+    Path(second, ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
+    _rewrite_manifest(second)
+    ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None and ref.step == 2  # integrity checks pass: the attacker fixed the manifest
+    with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
+        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_pickled_tensor_entry_cannot_run_code(tmp_path: Path) -> None:
+    _, _, second = _two_checkpoints(tmp_path)
+    marker = tmp_path / "pwned"
+    tensors = read_tensors(second)
+    nested: dict = {"model": {}, "optim": {}}
+    for key, value in tensors.items():
+        top, rest = key.split(".", 1)
+        nested[top][rest] = value
+    nested["model"]["head.bias"] = Payload(str(marker))  # a pickled object where a tensor belongs
+    for name in os.listdir(second):
+        if name.endswith(".distcp") or name == ".metadata":
+            os.remove(os.path.join(second, name))
+    dcp.save(nested, storage_writer=FileSystemWriter(second))
+    _rewrite_manifest(second)
+    ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None and ref.step == 2
+    with pytest.raises(UnsafeCheckpointError, match=r"model\.head\.bias"):
+        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_retention_keeps_the_newest_k(tmp_path: Path) -> None:
+    state = make_state()
+    ckpt = Checkpointer(str(tmp_path), keep_latest_k=2, config_hash="x")
+    for _ in range(4):
+        train_steps(state, 1)
+        ckpt.save(state)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_3", "step_4"]
+
+
+def test_partial_saves_are_cleaned_and_never_loaded(tmp_path: Path) -> None:
+    _, _, second = _two_checkpoints(tmp_path)
+    partial = tmp_path / "checkpoints" / "step_9.tmp"
+    shutil.copytree(second, partial)
+    ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None and ref.step == 2
+    Checkpointer(str(tmp_path), 2, "x").clean_partial()
+    assert not partial.exists()
