@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -194,38 +195,47 @@ def test_resume_from_a_named_remote_checkpoint(tmp_path: Path, s3_server: S3Serv
 
 # --------------------------------------------------------------------------- acceptance 3
 def test_outage_mid_run_training_continues_and_final_sync_catches_up(tmp_path: Path, own_server: S3Server) -> None:
+    """Stop the server after a checkpoint reached it; training goes on; restart it; the final sync catches up.
+
+    The run's pace is the test's (tests/gated_data.py), not the machine's: training pauses after step 20
+    until the server is down, and after step 50 until it is back, so each phase happens whatever the speed.
+    """
     server = own_server
     bucket = server.new_bucket("outage")
     run_dir = tmp_path / "run"
     log = tmp_path / "out.log"
-    # More pixels and bigger batches (~0.1 s a step): slow enough that the outage overlaps training.
-    args = [*TINY, *s3_args(server, bucket), "data.image_size=32", "model.patch_size=4", "trainer.batch_size=64"]
-    args += ["trainer.max_steps=60", "trainer.ckpt_every=10", "trainer.eval_every=30"]
-    proc = popen_cli([*args, f"hydra.run.dir={run_dir}"], REPO, log)
-    try:
-        deadline = time.monotonic() + 60
-        while not remote_steps(server, bucket) and time.monotonic() < deadline and proc.poll() is None:
+    down, back = tmp_path / "server-down", tmp_path / "server-back"
+    batch = 8
+    args = [*TINY, *s3_args(server, bucket), "data._target_=tests.gated_data.gated_splits"]
+    args += [f"trainer.batch_size={batch}", "trainer.max_steps=60", "trainer.ckpt_every=10", "trainer.eval_every=30"]
+    gates = {"RUNNER_TEST_GATES": f"{20 * batch}:{down},{50 * batch}:{back}"}
+    proc = popen_cli([*args, f"hydra.run.dir={run_dir}"], REPO, log, env=gates)
+
+    def wait_for(what: str, done: Callable[[], bool], timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while not done():
+            assert proc.poll() is None, f"run ended before {what}:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{log.read_text()}"
             time.sleep(0.05)
-        assert remote_steps(server, bucket), log.read_text()
+
+    try:
+        wait_for("step 20", Path(f"{down}.reached").exists)
+        wait_for("a checkpoint on the remote", lambda: bool(remote_steps(server, bucket)))
         server.stop()
         at_stop = max(committed_steps(run_dir))
-        while "SYNC FAILED" not in log.read_text() and proc.poll() is None:
-            time.sleep(0.05)
-        assert "SYNC FAILED" in log.read_text(), log.read_text()
-        # NOTE: the warning can come before the next checkpoint: wait (bounded) for training to commit one
-        # more while the remote is still down, rather than sampling once at the warning.
-        deadline = time.monotonic() + 60
-        while max(committed_steps(run_dir)) <= at_stop and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+        down.touch()
+        wait_for("step 50", Path(f"{back}.reached").exists)
+        wait_for("a SYNC FAILED warning", lambda: "SYNC FAILED" in log.read_text())
         trained_during_outage = max(committed_steps(run_dir)) > at_stop
         server.start()  # Same port, empty: a fresh bucket.
         server.client().create_bucket(Bucket=bucket)
+        back.touch()
         assert proc.wait(timeout=120) == 0, log.read_text()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert trained_during_outage
+    assert trained_during_outage, log.read_text()
     assert committed_steps(run_dir) == {50, 60}
     assert remote_tree(server, bucket, f"runs/{run_name(run_dir)}/") == local_tree(run_dir)
 
