@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
 from runner.storage.base import StorageError
-from runner.storage.transfer import Remote, RemoteObject, open_remote
+from runner.storage.transfer import Remote, RemoteObject, UploadCancelled, open_remote
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,8 @@ class Syncer:
         #: Set when an upload fails because the remote is unreachable (not for one bad file): the rest of
         #: the pass is not attempted, since an outage would otherwise cost retries x backoff per file.
         self._abort = threading.Event()
+        #: Content checks that run beside uploads (one pool per pass).
+        self._checks: ThreadPoolExecutor
 
     # ----------------------------------------------------------------- status
     def confirmed(self, step: int) -> bool:
@@ -213,7 +216,8 @@ class Syncer:
         self._keys[rel] = (st.st_size, st.st_mtime_ns, key)
         return key
 
-    def _needs_upload(self, rel: str, st: os.stat_result, there: RemoteObject | None) -> bool:
+    def _needs_upload(self, rel: str, st: os.stat_result, there: RemoteObject | None) -> bool | str:
+        """True, False, or the remote content key to compare with once this file is hashed."""
         if there is None or there.size != st.st_size:
             return True
         seen = self._seen.get(rel)
@@ -222,26 +226,72 @@ class Syncer:
                 seen.key = there.etag  # Uploaded by us from this exact version: the listing names its key.
             # A different remote key means someone replaced the object: put ours back.
             return not (seen.key is None or there.etag is None or seen.key == there.etag)
-        # Same size, different or unknown version: compare content.
-        key = self._key(rel, st)
-        remote_key = there.etag if there.etag is not None else (seen.key if seen is not None else None)
-        if key == remote_key:
-            self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key)
-            return False
-        return True
+        # Same size, different or unknown version: the content decides (hashed by the upload worker).
+        remote_key = self._remote_key(rel, there)
+        return True if remote_key is None else remote_key
 
-    def _upload(self, rel: str, st: os.stat_result, progress: Callable[[int], None] | None) -> str | None:
-        """Upload one file with retries; returns an error message, or None on success (or if it vanished)."""
+    def _remote_key(self, rel: str, there: RemoteObject) -> str | None:
+        """The content key of the remote object: listed (S3 ETag), or recorded when we uploaded it."""
+        seen = self._seen.get(rel)
+        return there.etag if there.etag is not None else (seen.key if seen is not None else None)
+
+    def _holds(self, rel: str, st: os.stat_result, remote_key: Callable[[], str | None], eager: bool) -> bool:
+        """True if the remote holds this version's content. ``eager``: hash before ``remote_key()`` returns
+        (it may wait for the listing), because the answer is likely needed."""
+        key = self._key(rel, st) if eager else None
+        want = remote_key()
+        return want is not None and (key or self._key(rel, st)) == want
+
+    def _changed_since_upload(self, local: dict[str, os.stat_result]) -> list[str]:
+        """Files this syncer uploaded that changed locally since (not checkpoint files: those never change).
+
+        They go up whatever the remote listing says, unless their content turns out to be what the remote
+        holds, so their uploads start before the listing is back.
+        """
+        return [
+            rel
+            for rel, st in local.items()
+            if not rel.startswith(CKPT_PREFIX)
+            and (seen := self._seen.get(rel)) is not None
+            and (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns)
+        ]
+
+    def _upload(
+        self,
+        rel: str,
+        st: os.stat_result,
+        progress: Callable[[int], None] | None,
+        holds: Callable[[], bool] | None = None,
+    ) -> str | bool | None:
+        """Upload one file with retries; returns an error message, None on success (or if it vanished), or
+        False when the remote already holds this content.
+
+        ``holds()`` (does the remote hold this content? a hash, maybe a wait for the pass's listing) runs
+        *while* the file uploads; if it says yes the upload is cancelled. Verifying a same-size rewrite by
+        its content therefore costs no time when the content did change.
+        """
         full = os.path.join(self.local_dir, rel)
         if self._abort.is_set():
             return f"{rel}: not attempted (an earlier upload of this pass failed)"
+        same: Future[bool] | None = None
+        cancel = threading.Event()
+        if holds is not None:
+            same = self._checks.submit(holds)
+
+            def cancel_if_held(f: Future[bool]) -> None:
+                if f.exception() is None and f.result():
+                    cancel.set()
+
+            same.add_done_callback(cancel_if_held)
         error, unreachable = "", False
         for attempt in range(self.retries):
             try:
                 key = None if self.remote.lists_content_keys else self._key(rel, st)
-                self.remote.upload(full, rel, progress)
-                self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key)
-                return None
+                self.remote.upload(full, rel, progress, cancel)
+                error = ""
+                break
+            except UploadCancelled:
+                break
             except FileNotFoundError:
                 if not os.path.exists(full):
                     return None  # Deleted locally (retention) after the walk: nothing to mirror.
@@ -249,8 +299,22 @@ class Syncer:
             except Exception as e:
                 error = f"{rel}: {type(e).__name__}: {_scrub(str(e))}"
                 unreachable = _is_unreachable(e)
+            if cancel.is_set():
+                break
             if attempt + 1 < self.retries and not self._stopping.is_set():
                 time.sleep(self.backoff_s * 2**attempt)
+        if same is not None:
+            try:
+                if same.result():  # The remote holds this content: nothing was (or needed to be) uploaded.
+                    self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, self._keys[rel][2])
+                    return False
+            except FileNotFoundError:
+                return None  # Deleted locally (retention) after the walk: nothing to mirror.
+            except Exception as e:  # The listing failed: the pass reports that.
+                error = error or f"{rel}: {type(e).__name__}: {_scrub(str(e))}"
+        if not error:
+            self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key)
+            return None
         if unreachable:
             self._abort.set()
         return error
@@ -264,22 +328,7 @@ class Syncer:
         started = time.perf_counter()
         result = PassResult()
         self._abort.clear()
-        listing = self.remote.listing()
-        local = self._local_files()
-        superseded = self._superseded_steps(local, listing)
-        with self._lock:
-            self._superseded |= superseded
-        local = {rel: st for rel, st in local.items() if _step(_checkpoint_of(rel) or "") not in superseded}
-        todo = {rel: st for rel, st in local.items() if self._needs_upload(rel, st, listing.get(rel))}
-        manifests = {rel: st for rel, st in todo.items() if _checkpoint_of(rel) and rel.endswith("/" + MANIFEST)}
-        data = {rel: st for rel, st in todo.items() if rel not in manifests}
-
         bar = None
-        if progress:
-            from tqdm import tqdm
-
-            total = sum(st.st_size for st in todo.values())
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="final sync", dynamic_ncols=True)
         lock = threading.Lock()
 
         def tick(n: int) -> None:
@@ -287,20 +336,81 @@ class Syncer:
                 with lock:
                     bar.update(n)
 
-        try:
-            self._upload_all(data, result, tick)
-            # NOTE: a manifest goes up only once every file of its folder is there: it is what makes a
-            # remote checkpoint valid, so it must never be visible before its data.
-            broken = {_checkpoint_of(rel) for rel in result.failed}
-            ready = {rel: st for rel, st in manifests.items() if _checkpoint_of(rel) not in broken}
-            for rel in manifests.keys() - ready.keys():
-                result.failed[rel] = "held back: a data file of this checkpoint failed to upload"
-            self._upload_all(ready, result, tick)
-        finally:
-            if bar is not None:
-                bar.close()
+        # NOTE: the listing (a round trip, or many pages) is in flight while this thread walks the local
+        # tree and files already known to have changed start uploading; everything else waits for it.
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync-list") as lister,
+            ThreadPoolExecutor(max_workers=2, thread_name_prefix="sync-hash") as self._checks,
+            ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool,
+        ):
+            listed = lister.submit(self.remote.listing)
+            local = self._local_files()
+            early = {rel: local[rel] for rel in self._changed_since_upload(local)}
+            if progress:
+                from tqdm import tqdm
+
+                bar = tqdm(unit="B", unit_scale=True, desc="final sync", dynamic_ncols=True)
+                bar.total = sum(st.st_size for st in early.values())
+
+            def listed_key(rel: str) -> str | None:
+                there = listed.result().get(rel)
+                return None if there is None or there.size != local[rel].st_size else self._remote_key(rel, there)
+
+            futures: dict[Future[str | bool | None], tuple[str, os.stat_result]] = {}
+            for rel, st in sorted(early.items(), key=lambda item: -item[1].st_size):
+                # A same-size rewrite is hashed at once; a file that grew only if the remote has its new size.
+                eager = self._seen[rel].size == st.st_size
+                holds = functools.partial(self._holds, rel, st, functools.partial(listed_key, rel), eager)
+                futures[pool.submit(self._upload, rel, st, tick, holds)] = (rel, st)
+            try:
+                listing = listed.result()
+            except BaseException:
+                self._abort.set()  # Queued uploads are not attempted; the failed listing is the error.
+                raise
+            try:
+                superseded = self._superseded_steps(local, listing)
+                with self._lock:
+                    self._superseded |= superseded
+                local = {rel: st for rel, st in local.items() if _step(_checkpoint_of(rel) or "") not in superseded}
+                checks = {
+                    rel: self._needs_upload(rel, st, listing.get(rel)) for rel, st in local.items() if rel not in early
+                }
+                todo = {rel: st for rel, st in local.items() if checks.get(rel, False) is not False}
+                manifests = {
+                    rel: st for rel, st in todo.items() if _checkpoint_of(rel) and rel.endswith("/" + MANIFEST)
+                }
+                data = {rel: st for rel, st in todo.items() if rel not in manifests}
+                if bar is not None:
+                    bar.total += sum(st.st_size for st in todo.values())
+                    bar.refresh()
+
+                def submit(files: dict[str, os.stat_result]) -> None:
+                    # Largest first: big checkpoint shards start early and small files fill the gaps.
+                    for rel, st in sorted(files.items(), key=lambda item: -item[1].st_size):
+                        key = checks[rel]
+                        # Same size, unknown version: its content decides, hashed while it uploads.
+                        holds = None
+                        if isinstance(key, str):
+                            holds = functools.partial(self._holds, rel, st, functools.partial(str, key), True)
+                        futures[pool.submit(self._upload, rel, st, tick, holds)] = (rel, st)
+
+                submit(data)
+                self._collect(futures, result, tick)
+                # NOTE: a manifest goes up only once every file of its folder is there: it is what makes a
+                # remote checkpoint valid, so it must never be visible before its data.
+                broken = {_checkpoint_of(rel) for rel in result.failed}
+                ready = {rel: st for rel, st in manifests.items() if _checkpoint_of(rel) not in broken}
+                for rel in manifests.keys() - ready.keys():
+                    result.failed[rel] = "held back: a data file of this checkpoint failed to upload"
+                futures = {}
+                submit(ready)
+                self._collect(futures, result, tick)
+            finally:
+                if bar is not None:
+                    bar.close()
 
         failed_folders = {_checkpoint_of(rel) for rel in result.failed}
+        uploaded = set(result.uploaded)
         with self._lock:
             for rel in local:
                 folder = _checkpoint_of(rel)
@@ -308,7 +418,7 @@ class Syncer:
                     step = _step(folder)
                     if step is not None:
                         self._confirmed.add(step)
-                        if rel in ready:
+                        if rel in uploaded:
                             self._written.add(step)
         if result.ok:
             self._retain(listing, local, result)
@@ -316,21 +426,22 @@ class Syncer:
         self.last = result
         return result
 
-    def _upload_all(self, files: dict[str, os.stat_result], result: PassResult, tick: Callable[[int], None]) -> None:
-        if not files:
-            return
-        # Largest first: big checkpoint shards start early and small files fill the gaps.
-        order = sorted(files, key=lambda r: -files[r].st_size)
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(order)), thread_name_prefix="sync") as pool:
-            futures = {pool.submit(self._upload, rel, files[rel], tick): rel for rel in order}
-            for fut in as_completed(futures):
-                rel = futures[fut]
-                error = fut.result()
-                if error is None:
-                    result.uploaded.append(rel)
-                    result.bytes += files[rel].st_size
-                else:
-                    result.failed[rel] = error
+    @staticmethod
+    def _collect(
+        futures: dict[Future[str | bool | None], tuple[str, os.stat_result]],
+        result: PassResult,
+        tick: Callable[[int], None],
+    ) -> None:
+        for fut in as_completed(futures):
+            rel, st = futures[fut]
+            outcome = fut.result()
+            if outcome is None:
+                result.uploaded.append(rel)
+                result.bytes += st.st_size
+            elif outcome is False:
+                tick(st.st_size)  # Already there: the progress bar counts it as done.
+            else:
+                result.failed[rel] = str(outcome)
 
     def _retain(self, listing: dict[str, RemoteObject], local: dict[str, os.stat_result], result: PassResult) -> None:
         if self.keep_latest_k < 1:

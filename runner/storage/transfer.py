@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -39,11 +40,24 @@ class Remote(Protocol):
 
     def listing(self) -> dict[str, RemoteObject]: ...
 
-    def upload(self, local_file: str, rel: str, progress: Callable[[int], None] | None = None) -> None: ...
+    def upload(
+        self,
+        local_file: str,
+        rel: str,
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        """Upload ``local_file`` as ``rel``. Setting ``cancel`` may stop it early (raising
+        :class:`UploadCancelled`, with the remote left as it was); a remote that cannot stop one may finish."""
+        ...
 
     def delete(self, rel: str) -> None: ...
 
     def content_key(self, local_file: str) -> str: ...
+
+
+class UploadCancelled(Exception):
+    """The upload was stopped through its ``cancel`` event; nothing of it is visible on the remote."""
 
 
 def s3_etag(path: str, part_bytes: int = PART_BYTES, threads: int = 4) -> str:
@@ -123,8 +137,30 @@ class S3Remote:
                 out[obj["Key"][len(self.prefix) :]] = RemoteObject(int(obj["Size"]), str(obj["ETag"]).strip('"'))
         return out
 
-    def upload(self, local_file: str, rel: str, progress: Callable[[int], None] | None = None) -> None:
-        self.client.upload_file(local_file, self.bucket, self.prefix + rel, Config=self.transfer, Callback=progress)
+    def upload(
+        self,
+        local_file: str,
+        rel: str,
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        # What client.upload_file does (one transfer manager per file, so each file gets its own parallel
+        # parts), with a handle on the transfer: cancelling it aborts a multipart upload in flight.
+        from boto3.s3.transfer import ProgressCallbackInvoker
+        from s3transfer.exceptions import CancelledError
+        from s3transfer.manager import TransferManager
+
+        subscribers = [ProgressCallbackInvoker(progress)] if progress is not None else None
+        with TransferManager(self.client, self.transfer) as manager:
+            future = manager.upload(local_file, self.bucket, self.prefix + rel, subscribers=subscribers)
+            while cancel is not None and not future.done():
+                if cancel.wait(0.01):
+                    future.cancel()
+                    break
+            try:
+                future.result()
+            except CancelledError as e:
+                raise UploadCancelled(rel) from e
 
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
@@ -145,7 +181,15 @@ class StorageRemote:
     def listing(self) -> dict[str, RemoteObject]:
         return {rel: RemoteObject(size) for rel, size in self.storage.walk().items()}
 
-    def upload(self, local_file: str, rel: str, progress: Callable[[int], None] | None = None) -> None:
+    def upload(
+        self,
+        local_file: str,
+        rel: str,
+        progress: Callable[[int], None] | None = None,
+        cancel: threading.Event | None = None,
+    ) -> None:
+        if cancel is not None and cancel.is_set():
+            raise UploadCancelled(rel)
         self.storage.put(local_file, rel)
         if progress is not None:
             progress(os.path.getsize(local_file))

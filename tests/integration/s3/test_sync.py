@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -100,10 +101,12 @@ def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: R
     order: list[str] = []
     real_upload = remote.upload
 
-    def recording(local_file: str, rel: str, progress: Callable[[int], None] | None = None) -> None:
+    def recording(
+        local_file: str, rel: str, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None
+    ) -> None:
         if rel == "checkpoints/step_6/.metadata":
             raise RuntimeError("injected failure")
-        real_upload(local_file, rel, progress)
+        real_upload(local_file, rel, progress, cancel)
         order.append(rel)
 
     remote.upload = recording  # type: ignore[method-assign]
@@ -160,6 +163,45 @@ def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remot
     steps = {rel.split("/")[1] for rel in remote_tree(remote) if rel.endswith("manifest.json")}
     assert steps == {"step_1", "step_2", "step_5", "step_6"}
     assert not any(rel.startswith(("checkpoints/step_3/", "checkpoints/step_4/")) for rel in remote_tree(remote))
+
+
+def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: Path, remote: Remote) -> None:
+    # This run holds a byte-identical copy of the earlier run's step 2 (say, downloaded to resume from it).
+    # Where the remote lists content keys, the syncer sees it is already there: it neither uploads it nor
+    # counts it as written by this run, so retention leaves it alone even unprotected.
+    earlier = tmp_path / "earlier"
+    checkpoint(earlier, 2)
+    assert Syncer(str(earlier), remote).sync_once().ok
+    run = tmp_path / "run"
+    checkpoint(run, 2)
+    for rel in ("__0_0.distcp", ".metadata", "manifest.json"):  # new mtimes, same bytes
+        path = run / "checkpoints" / "step_2" / rel
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
+    checkpoint(run, 3)
+    syncer = Syncer(str(run), remote, keep_latest_k=1)
+    result = syncer.sync_once()
+    assert result.ok
+    if remote.lists_content_keys:
+        assert sorted(result.uploaded) == [
+            f"checkpoints/step_3/{n}" for n in (".metadata", "__0_0.distcp", "manifest.json")
+        ]
+        assert result.deleted == []
+        assert "checkpoints/step_2/manifest.json" in remote_tree(remote)
+    else:  # Sizes only: it cannot verify the copy, so it uploads it and owns what it wrote.
+        assert "checkpoints/step_2/manifest.json" in result.uploaded
+    assert syncer.sync_once().uploaded == []
+
+
+def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, remote: Remote) -> None:
+    # Same size every time, new content every time: each pass hashes it (while listing) and uploads it.
+    run = tmp_path / "run"
+    syncer = Syncer(str(run), remote)
+    for i in range(3):
+        write(run, "big.bin", bytes([i]) * (6 * MB), mtime_bump=i)
+        assert syncer.sync_once().uploaded == ["big.bin"], i
+    write(run, "big.bin", bytes([2]) * (6 * MB), mtime_bump=5)  # new mtime, same bytes
+    assert syncer.sync_once().uploaded == []
+    assert remote_tree(remote) == local_tree(run)
 
 
 def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path: Path, remote: Remote) -> None:
