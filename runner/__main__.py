@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -10,6 +11,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner.config import limit_yaml_aliases, register_configs
 from runner.errors import config_error_message, run_error_message
+
+log = logging.getLogger("runner")
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG_DIR = next(p for p in (os.path.join(_HERE, "conf"), os.path.join(_HERE, "..", "conf")) if os.path.isdir(p))
@@ -49,6 +52,8 @@ limit_yaml_aliases()
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
     _validate_before_torch(cfg)
+    if cfg.trainer.max_steps == 0:
+        return _dry_run(cfg)
     from runner.run import run
 
     try:
@@ -76,6 +81,19 @@ def _validate_before_torch(cfg: DictConfig) -> None:
         if HydraConfig.initialized():
             remove_if_empty(HydraConfig.get().runtime.output_dir, os.getcwd())
         _exit_if_config_error(e)
+
+
+def _dry_run(cfg: DictConfig) -> float:
+    """``trainer.max_steps=0``: the config is valid and there is nothing to train, so stop before torch is
+    imported and undo Hydra's mkdir of the run directory (``run`` does the same when called directly)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from runner.naming import remove_if_empty
+
+    if HydraConfig.initialized():
+        remove_if_empty(HydraConfig.get().runtime.output_dir, os.getcwd())
+    log.info("run %r: config valid; trainer.max_steps=0 (dry run), so nothing to train", str(cfg.name))
+    return float("nan")
 
 
 def _exit_if_config_error(error: Exception) -> None:

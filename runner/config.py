@@ -235,6 +235,8 @@ ON_SAVE_ERROR = ("fail", "warn")
 
 @dataclass
 class TrainerConfig:
+    # Optimizer steps to train to. 0 = a dry run: validate the config and exit; nothing is built or written
+    # (e.g. to check every member of a sweep on the nodes it will run on).
     max_steps: int = 300
     # Per-rank batch size; global batch = batch_size x world size x grad_accum_steps.
     batch_size: int = 64
@@ -274,7 +276,8 @@ class TrainerConfig:
     dist_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_every", "ckpt_every"):
+        _require(self.max_steps >= 0, "trainer.max_steps", f"must be >= 0 (0 = dry run), got {self.max_steps}")
+        for name in ("batch_size", "grad_accum_steps", "log_every", "eval_every", "ckpt_every"):
             value = getattr(self, name)
             _require(value >= 1, f"trainer.{name}", f"must be >= 1, got {value}")
         _require(self.keep_latest_k >= 1, "trainer.keep_latest_k", f"must be >= 1, got {self.keep_latest_k}")

@@ -124,6 +124,10 @@ def run(cfg: DictConfig) -> float:
         remove_if_empty(run_dir, os.getcwd())
         raise
     name = str(cfg.name)
+    if trainer.max_steps == 0:
+        remove_if_empty(run_dir, os.getcwd())
+        log.info("run %r: config valid; trainer.max_steps=0 (dry run), so nothing to train", name)
+        return float("nan")
     plugin = build.build_storage(cfg)
 
     ref = find_resume(trainer, run_dir, plugin, name)

@@ -33,6 +33,16 @@ def test_bad_config_exits_2_with_one_line_and_no_run_dir(workdir: Path, override
     assert list(workdir.iterdir()) == [], "a rejected run left files behind"
 
 
+def test_max_steps_zero_validates_without_torch_and_leaves_nothing(workdir: Path) -> None:
+    proc = run_cli(["trainer.max_steps=0"], cwd=workdir, env={"PYTHONPROFILEIMPORTTIME": "1"})
+    assert "dry run" in proc.stdout
+    assert not re.search(r"\| torch$", proc.stderr, re.MULTILINE), "a dry run imported torch"
+    assert list(workdir.iterdir()) == []
+    # Still a validation: a bad value fails as it would for a real run.
+    bad = run_cli(["trainer.max_steps=0", "opt.lr=-1"], cwd=workdir, check=False)
+    assert bad.returncode == 2 and "opt.lr" in bad.stderr
+
+
 def test_unknown_option_lists_the_choices(workdir: Path) -> None:
     proc = run_cli(["model=nope"], cwd=workdir, check=False)
     assert "vit_tiny" in proc.stderr and "vitb16" in proc.stderr

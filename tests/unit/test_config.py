@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,6 +79,7 @@ def test_custom_model_target_accepts_any_module() -> None:
     ("override", "key"),
     [
         ("opt.lr=-1", "opt.lr"),
+        ("trainer.max_steps=-1", "trainer.max_steps"),
         ("trainer.batch_size=0", "trainer.batch_size"),
         ("trainer.keep_latest_k=0", "trainer.keep_latest_k"),
         ("trainer.precision=fp8", "trainer.precision"),
@@ -89,6 +92,16 @@ def test_range_errors_name_the_key(override: str, key: str) -> None:
     cfg = compose_cfg(override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
+
+
+def test_max_steps_zero_is_a_dry_run_that_writes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from runner.run import run
+
+    monkeypatch.chdir(tmp_path)
+    cfg = compose_cfg("+debug=tiny", "trainer.max_steps=0")
+    validate(cfg)
+    assert math.isnan(run(cfg))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_durations() -> None:
