@@ -6,6 +6,9 @@ updated from the very buffers DCP hands to ``write``, inside DCP's writer thread
 files overlaps and no byte is read twice. The manifest format is unchanged (``sha256:<hex>``), so
 verification and the syncer read it as before.
 
+Because every byte is hashed, ``torch.save``'s own CRC32 of each zip record (inside DCP) is redundant: it
+is switched off while a file is written (:func:`without_zip_crc32`).
+
 NOTE: this relies on DCP (and ``torch.save`` inside it) writing each file strictly sequentially; torch's
 zip writer refuses anything else (``unexpected pos``), and a write at an unexpected position here raises.
 """
@@ -16,8 +19,8 @@ import hashlib
 import io
 import os
 import threading
-from collections.abc import Generator
-from contextlib import contextmanager
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 from torch.distributed.checkpoint import FileSystemWriter
@@ -61,6 +64,20 @@ class _HashingStream(io.RawIOBase):
         self.raw.flush()
 
 
+@contextmanager
+def without_zip_crc32() -> Iterator[None]:
+    """Skip the CRC32 ``torch.save`` computes for every zip record, in this thread (torch's serialization
+    config is a context variable, so DCP's writer threads each need their own switch). torch < 2.6 has none."""
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # pragma: no cover - older torch
+        yield
+        return
+    has_switch = getattr(getattr(config, "save", None), "compute_crc32", None) is not None
+    with config.patch({"save.compute_crc32": False}) if has_switch else nullcontext():  # type: ignore[attr-defined]
+        yield
+
+
 class _HashingFileSystem(FileSystem):
     def __init__(self) -> None:
         super().__init__()
@@ -73,7 +90,8 @@ class _HashingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
-        with open(path, mode) as raw:
+        # NOTE: DCP runs this block in the thread that writes the file, around all of its torch.save calls.
+        with open(path, mode) as raw, without_zip_crc32():
             stream = _HashingStream(raw)
             yield stream
             raw.flush()

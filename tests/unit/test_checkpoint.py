@@ -83,6 +83,30 @@ def test_manifest_lists_sizes_and_checksums(tmp_path: Path) -> None:
     assert set(read_tensors(path)) >= {"model.head.weight", "optim.state.head.weight.exp_avg"}
 
 
+def test_save_skips_zip_crc32_only_inside_the_save(tmp_path: Path) -> None:
+    # The manifest's sha256 covers every byte, so the save switches off torch.save's per-record CRC32,
+    # and must switch it back on for everyone else.
+    config = pytest.importorskip("torch.utils.serialization").config
+    if getattr(config.save, "compute_crc32", None) is None:
+        pytest.skip("this torch has no switch for the zip CRC32")
+    seen: list[bool] = []
+    real_save = torch.save
+
+    def spying_save(*args: object, **kwargs: object) -> None:
+        seen.append(config.save.compute_crc32)
+        real_save(*args, **kwargs)  # type: ignore[arg-type]
+
+    state = make_state()
+    train_steps(state, 1)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "save", spying_save)
+        path = Checkpointer(str(tmp_path), 2, "cfg").save(state)
+    assert seen and not any(seen), "DCP's torch.save ran with the CRC32 on"
+    assert config.save.compute_crc32 is True
+    assert checkpoint.verify(LocalStorage(str(tmp_path)), "checkpoints/step_1")[0] is not None
+    assert set(read_tensors(path)) >= {"model.head.weight"}
+
+
 def _two_checkpoints(tmp_path: Path) -> tuple[Checkpointer, str, str]:
     state = make_state()
     ckpt = Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
