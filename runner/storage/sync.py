@@ -243,7 +243,7 @@ class Syncer:
         return want is not None and (key or self._key(rel, st)) == want
 
     def _changed_since_upload(self, local: dict[str, os.stat_result]) -> list[str]:
-        """Files this syncer uploaded that changed locally since (not checkpoint files: those never change).
+        """Files this syncer uploaded that changed locally since (checkpoint manifests aside: they go last).
 
         They go up whatever the remote listing says, unless their content turns out to be what the remote
         holds, so their uploads start before the listing is back.
@@ -251,7 +251,7 @@ class Syncer:
         return [
             rel
             for rel, st in local.items()
-            if not rel.startswith(CKPT_PREFIX)
+            if not (_checkpoint_of(rel) and rel.endswith("/" + MANIFEST))
             and (seen := self._seen.get(rel)) is not None
             and (seen.size, seen.mtime_ns) != (st.st_size, st.st_mtime_ns)
         ]
