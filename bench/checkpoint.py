@@ -3,20 +3,21 @@
     python bench/checkpoint.py [--rounds 3] [--dir DIR] [--json]
 
 Per round, in a rotating order: a raw fsync'd write of the same bytes (one flat buffer), ``torch.save``,
-our synchronous save (DCP + manifest with sha256 + rename), our async save as ``run`` sets it up, a raw
-read and our load (verify + DCP load into the live model and optimizer), both after evicting the files
-from the page cache. The async stall is what the training thread loses: the ``save`` call plus the wait
-at the fence before the next optimizer step, with one real ViT-B/16 forward/backward (batch 2) in
-between; that step is also timed against one with no write in progress (the cores are shared).
+our synchronous save (DCP + manifest with checksums computed while writing + rename), our async save as
+``run`` sets it up, a raw read and our load (verify + DCP load into the live model and optimizer), both
+after evicting the files from the page cache. The async stall is what the training thread loses: the
+``save`` call plus the wait at the fence before the next optimizer step, with one real ViT-B/16
+forward/backward (batch 2) in between; that step is also timed against one with no write in progress
+(the cores are shared).
 Buffers are touched before the timed rounds (first touch of fresh memory costs ~2 s/GiB on these VMs).
 Figures are medians; ratios are medians of the per-round ratios. Also timed, as the profile behind
-``save_vs_raw``: the DCP write alone and a sha256 pass.
+``save_vs_raw``: the DCP write alone, and a pass of the manifest's checksum (xxh3_128) and of sha256
+(what manifests used before) over the same bytes.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -40,7 +41,7 @@ from runner.data import SyntheticImages, TrainStream
 from runner.models.vit import VisionTransformer
 from runner.optim import param_groups
 from runner.state import TrainState
-from runner.storage import LocalStorage
+from runner.storage import LocalStorage, checksum
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message=".*process group.*")
@@ -148,9 +149,9 @@ class Bench:
         shutil.rmtree(path)
         return seconds
 
-    def sha256_pass(self) -> float:
+    def hash_pass(self, algorithm: str) -> float:
         def go() -> None:
-            digest = hashlib.sha256()
+            digest = checksum.hasher(algorithm)
             view = memoryview(self.flat.numpy())
             for i in range(0, len(view), 8 << 20):
                 digest.update(view[i : i + (8 << 20)])
@@ -231,7 +232,8 @@ def run(rounds: int, root: str) -> dict[str, Any]:
             elif m == "train_step":
                 samples.setdefault("step_alone_s", []).append(bench.train_step())
             elif m == "sha256":
-                samples.setdefault("sha256_s", []).append(bench.sha256_pass())
+                samples.setdefault("sha256_s", []).append(bench.hash_pass("sha256"))
+                samples.setdefault("xxh3_s", []).append(bench.hash_pass(checksum.MANIFEST_ALGORITHM))
             elif m == "loads":
                 samples.setdefault("raw_read_s", []).append(bench.raw_read())
                 samples.setdefault("load_s", []).append(bench.load())
@@ -281,6 +283,7 @@ def table(f: dict[str, Any]) -> str:
         ("torch.save + fsync", s["torch_save_s"], rate["torch_save"], f["torch_save_vs_raw"]),
         ("DCP save alone (2 threads)", s["dcp_only_s"], rate["dcp_only"], f["dcp_only_vs_raw"]),
         ("sha256 of the bytes (1 core)", s["sha256_s"], rate["sha256"], None),
+        ("xxh3_128 of the bytes (1 core)", s["xxh3_s"], rate["xxh3"], None),
         ("our sync save", s["sync_save_s"], rate["sync_save"], f["save_vs_raw"]),
         ("our async save: stall", s["async_stall_s"], None, None),
         ("  train step alone (B/16, bs 2)", s["step_alone_s"], None, None),

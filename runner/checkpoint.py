@@ -39,8 +39,9 @@ from runner import distributed
 from runner.async_save import AsyncSaver
 from runner.hashing import HashingWriter
 from runner.state import Payload, TrainState
+from runner.storage import checksum
 from runner.storage.base import Storage
-from runner.storage.local import LocalStorage, atomic_write, fsync_dir, sha256_file
+from runner.storage.local import LocalStorage, atomic_write, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +166,14 @@ def verify(storage: Storage, path: str) -> tuple[dict[str, Any] | None, str]:
     # Checksums last (they read every byte), one file per thread: hashlib and file reads release the GIL,
     # so the data files (one per DCP writer thread) are hashed side by side.
     names = sorted(files)
+    try:
+        algorithms = {name: checksum.algorithm_of(str(files[name]["checksum"])) for name in names}
+    except checksum.UnknownChecksum as e:
+        return None, f"{MANIFEST} has {e} (written by a newer runner?)"
     with ThreadPoolExecutor(max_workers=min(VERIFY_THREADS, len(names)), thread_name_prefix="verify") as pool:
-        sums = list(pool.map(lambda name: storage.checksum(_join(path, name)), names))
-    for name, checksum in zip(names, sums, strict=True):
-        if checksum != files[name]["checksum"]:
+        sums = list(pool.map(lambda name: storage.checksum(_join(path, name), algorithms[name]), names))
+    for name, digest in zip(names, sums, strict=True):
+        if digest != files[name]["checksum"]:
             return None, f"{name} fails its checksum"
     return manifest, ""
 
@@ -357,7 +362,8 @@ class Checkpointer:
         files = {}
         for name in sorted(os.listdir(tmp)):
             full = os.path.join(tmp, name)
-            files[name] = {"size": os.path.getsize(full), "checksum": known(full) or sha256_file(full)}
+            digest = known(full) or checksum.of_file(full, checksum.MANIFEST_ALGORITHM)
+            files[name] = {"size": os.path.getsize(full), "checksum": digest}
         manifest = {
             "format": FORMAT,
             "step": step,

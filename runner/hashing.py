@@ -1,10 +1,11 @@
-"""sha256 of checkpoint files computed while DCP writes them, instead of re-reading them afterwards.
+"""Checksums of checkpoint files computed while DCP writes them, instead of re-reading them afterwards.
 
 A manifest needs the checksum of every file. Hashing after the write reads every byte back (1 GB for a
 ViT-B/16 + AdamW state: about a second on these cores, as long as the write itself). Here the digest is
 updated from the very buffers DCP hands to ``write``, inside DCP's writer threads, so the hashing of two
-files overlaps and no byte is read twice. The manifest format is unchanged (``sha256:<hex>``), so
-verification and the syncer read it as before.
+files overlaps and no byte is read twice. The manifest format is unchanged (``<algorithm>:<hex>``), so
+verification and the syncer read it as before. The algorithm is the manifests' (xxh3_128, see
+:mod:`runner.storage.checksum`).
 
 Because every byte is hashed, ``torch.save``'s own CRC32 of each zip record (inside DCP) is redundant: it
 is switched off while a file is written (:func:`without_zip_crc32`).
@@ -15,7 +16,6 @@ zip writer refuses anything else (``unexpected pos``), and a write at an unexpec
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import threading
@@ -26,13 +26,15 @@ from typing import Any
 from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
 
+from runner.storage import checksum
+
 
 class _HashingStream(io.RawIOBase):
-    """A write-only file that feeds every byte it writes to a sha256."""
+    """A write-only file that feeds every byte it writes to a hash."""
 
-    def __init__(self, raw: Any) -> None:
+    def __init__(self, raw: Any, algorithm: str) -> None:
         self.raw = raw
-        self.digest = hashlib.sha256()
+        self.digest = checksum.hasher(algorithm)
         self.pos = 0
 
     def writable(self) -> bool:
@@ -92,11 +94,11 @@ class _HashingFileSystem(FileSystem):
             return
         # NOTE: DCP runs this block in the thread that writes the file, around all of its torch.save calls.
         with open(path, mode) as raw, without_zip_crc32():
-            stream = _HashingStream(raw)
+            stream = _HashingStream(raw, checksum.MANIFEST_ALGORITHM)
             yield stream
             raw.flush()
         with self._lock:
-            self.digests[os.path.abspath(path)] = f"sha256:{stream.digest.hexdigest()}"
+            self.digests[os.path.abspath(path)] = f"{checksum.MANIFEST_ALGORITHM}:{stream.digest.hexdigest()}"
 
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         super().rename(path, new_path)
@@ -107,12 +109,12 @@ class _HashingFileSystem(FileSystem):
 
 
 class HashingWriter(FileSystemWriter):
-    """``FileSystemWriter`` that knows the sha256 of every file it wrote (:meth:`checksum`)."""
+    """``FileSystemWriter`` that knows the checksum of every file it wrote (:meth:`checksum`)."""
 
     def __init__(self, path: str, **kwargs: Any) -> None:
         super().__init__(path, **kwargs)
         self.fs: _HashingFileSystem = _HashingFileSystem()
 
     def checksum(self, path: str) -> str | None:
-        """``sha256:<hex>`` of ``path`` if this writer wrote it, else None (hash it the slow way)."""
+        """``<algorithm>:<hex>`` of ``path`` if this writer wrote it, else None (hash it by reading it)."""
         return self.fs.digests.get(os.path.abspath(path))

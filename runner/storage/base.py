@@ -51,6 +51,6 @@ class Storage(Protocol):
 
     def size(self, path: str) -> int: ...
 
-    def checksum(self, path: str) -> str:
-        """``sha256:<hex>`` of the content."""
+    def checksum(self, path: str, algorithm: str = "sha256") -> str:
+        """``<algorithm>:<hex>`` of the content (see :mod:`runner.storage.checksum`)."""
         ...

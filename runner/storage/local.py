@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
 from typing import IO
 
+from runner.storage import checksum
+
 CHUNK = 8 << 20
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+    return checksum.of_file(path, "sha256")
 
 
 def fsync_dir(path: str) -> None:
@@ -105,5 +102,5 @@ class LocalStorage:
     def size(self, path: str) -> int:
         return os.path.getsize(self.url(path))
 
-    def checksum(self, path: str) -> str:
-        return sha256_file(self.url(path))
+    def checksum(self, path: str, algorithm: str = "sha256") -> str:
+        return checksum.of_file(self.url(path), algorithm)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 from typing import IO, Any
 
+from runner.storage import checksum
 from runner.storage.base import StorageError
 from runner.storage.local import CHUNK
 
@@ -97,9 +97,6 @@ class FsspecStorage:
     def size(self, path: str) -> int:
         return int(self.fs.size(self._p(path)))
 
-    def checksum(self, path: str) -> str:
-        digest = hashlib.sha256()
+    def checksum(self, path: str, algorithm: str = "sha256") -> str:
         with self.fs.open(self._p(path), "rb", block_size=CHUNK) as f:
-            while chunk := f.read(CHUNK):
-                digest.update(chunk)
-        return f"sha256:{digest.hexdigest()}"
+            return checksum.of_stream(f, algorithm)

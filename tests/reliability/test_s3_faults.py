@@ -24,12 +24,12 @@ import torch
 import yaml
 
 from runner.checkpoint import read_tensors, verify
-from runner.storage import LocalStorage
+from runner.storage import LocalStorage, checksum
 from tests.conftest import IN_CI, cli_env, run_cli
 from tests.fault_proxy import FaultProxy
 from tests.reliability import summary
 from tests.reliability.conftest import full
-from tests.s3_server import S3Server, committed_steps, dummy_credentials, local_tree, remote_tree, sha
+from tests.s3_server import S3Server, committed_steps, dummy_credentials, local_tree, remote_tree
 
 #: The default session runs the erroring-store case and one damage kind (to stay in its time budget); the
 #: outages, the slow link and the kills mid-upload run in the full suite (``full_suite`` marker).
@@ -102,7 +102,8 @@ def assert_remote_checkpoints_complete(server: S3Server, bucket: str) -> None:
             rel = f"{folder}/{name}"
             assert rel in objects, f"remote manifest {key} names {name}, which is not on the remote"
             assert objects[rel] == int(info["size"]), f"remote {rel} is incomplete"
-            assert "sha256:" + sha(server.read(bucket, f"runs/{rel}")) == info["checksum"], f"remote {rel} differs"
+            data = server.read(bucket, f"runs/{rel}")
+            assert checksum.of_bytes(data, checksum.algorithm_of(info["checksum"])) == info["checksum"], rel
 
 
 class Watched:

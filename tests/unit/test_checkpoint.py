@@ -20,7 +20,7 @@ from runner.data import SyntheticImages, TrainStream
 from runner.models.vit import VisionTransformer
 from runner.optim import param_groups
 from runner.state import TrainState
-from runner.storage import LocalStorage
+from runner.storage import LocalStorage, checksum
 from runner.storage.local import sha256_file
 
 
@@ -79,12 +79,13 @@ def test_manifest_lists_sizes_and_checksums(tmp_path: Path) -> None:
     assert manifest["step"] == 1 and manifest["world_size"] == 1 and manifest["config_hash"] == "cfg"
     for name, info in manifest["files"].items():
         assert os.path.getsize(os.path.join(path, name)) == info["size"]
-        assert sha256_file(os.path.join(path, name)) == info["checksum"]
+        assert info["checksum"].startswith(checksum.MANIFEST_ALGORITHM + ":")
+        assert checksum.of_file(os.path.join(path, name), checksum.MANIFEST_ALGORITHM) == info["checksum"]
     assert set(read_tensors(path)) >= {"model.head.weight", "optim.state.head.weight.exp_avg"}
 
 
 def test_save_skips_zip_crc32_only_inside_the_save(tmp_path: Path) -> None:
-    # The manifest's sha256 covers every byte, so the save switches off torch.save's per-record CRC32,
+    # The manifest's checksum covers every byte, so the save switches off torch.save's per-record CRC32,
     # and must switch it back on for everyone else.
     config = pytest.importorskip("torch.utils.serialization").config
     if getattr(config.save, "compute_crc32", None) is None:
@@ -105,6 +106,23 @@ def test_save_skips_zip_crc32_only_inside_the_save(tmp_path: Path) -> None:
     assert config.save.compute_crc32 is True
     assert checkpoint.verify(LocalStorage(str(tmp_path)), "checkpoints/step_1")[0] is not None
     assert set(read_tensors(path)) >= {"model.head.weight"}
+
+
+def test_manifest_checksum_algorithms_old_and_unknown(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # Manifests written with sha256 (earlier versions) still verify; an algorithm this version does not
+    # know makes the checkpoint unverifiable: skipped with a warning naming it, the previous one is used.
+    _, _, second = _two_checkpoints(tmp_path)
+    _rewrite_manifest(second)  # sha256 checksums
+    storage = LocalStorage(str(tmp_path))
+    assert checkpoint.verify(storage, "checkpoints/step_2")[0] is not None
+    manifest = json.loads(Path(second, MANIFEST).read_text())
+    for info in manifest["files"].values():
+        info["checksum"] = "blake9:" + info["checksum"].partition(":")[2]
+    Path(second, MANIFEST).write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING):
+        ref = newest_valid(storage)
+    assert ref is not None and ref.step == 1
+    assert "blake9" in caplog.text and "step_2" in caplog.text
 
 
 def _two_checkpoints(tmp_path: Path) -> tuple[Checkpointer, str, str]:

@@ -9,7 +9,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from runner.hashing import HashingWriter
-from runner.storage.local import sha256_file
+from runner.storage import checksum
 
 
 def test_digests_while_writing_match_the_files(tmp_path: Path) -> None:
@@ -20,5 +20,5 @@ def test_digests_while_writing_match_the_files(tmp_path: Path) -> None:
     assert ".metadata" in names and any(n.endswith(".distcp") for n in names)
     for name in names:
         full = str(tmp_path / name)
-        assert writer.checksum(full) == sha256_file(full), name
+        assert writer.checksum(full) == checksum.of_file(full, checksum.MANIFEST_ALGORITHM), name
     assert writer.checksum(str(tmp_path / "not-written-here")) is None

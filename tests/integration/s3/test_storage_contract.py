@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import xxhash
 
 from runner.storage import Storage, StoragePlugin
 from runner.storage.local import LocalStorage
@@ -49,9 +50,11 @@ def test_write_read_exists_size_checksum(storage: Storage) -> None:
     assert storage.read_bytes("a/b.bin") == data
     assert storage.size("a/b.bin") == len(data)
     assert storage.checksum("a/b.bin") == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert storage.checksum("a/b.bin", "xxh3_128") == "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
     storage.write_bytes("a/b.bin", b"x" * len(data))  # Same size, new content.
     assert storage.read_bytes("a/b.bin") == b"x" * len(data)
     assert storage.checksum("a/b.bin") != "sha256:" + hashlib.sha256(data).hexdigest()
+    assert storage.checksum("a/b.bin", "xxh3_128") != "xxh3_128:" + xxhash.xxh3_128(data).hexdigest()
 
 
 def test_list_and_walk(storage: Storage) -> None:
