@@ -90,26 +90,33 @@ def _save_config(cfg: DictConfig, run_dir: str) -> None:
 
 def find_resume(
     trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, name: str
-) -> checkpoint.CheckpointRef | None:
-    """The checkpoint to continue from, per ``trainer.resume`` (auto / none / a path or URL)."""
+) -> tuple[checkpoint.CheckpointRef | None, bool]:
+    """The checkpoint to continue from, per ``trainer.resume`` (auto / none / a path or URL), and whether
+    the run's remote (if any) could be looked at: False when ``auto`` could not list it."""
     choice = trainer.resume.strip()
     if choice == "none":
-        return None
+        return None, True
     if choice != "auto":
         target = choice.rstrip("/")
         if "://" not in target:
             target = os.path.abspath(target)
         parent, _, folder = target.rpartition("/")
-        return checkpoint.ref_at(plugin.open_url(parent), folder)
+        return checkpoint.ref_at(plugin.open_url(parent), folder), True
     candidates = [checkpoint.newest_valid(LocalStorage(run_dir))]
-    remote = plugin.remote(name)
+    remote, checked = plugin.remote(name), True
     if remote is not None:
         try:
             candidates.append(checkpoint.newest_valid(remote))
         except Exception as e:  # An unreachable remote must not stop a run that has a local copy.
-            log.warning("could not look for checkpoints at %s: %s", remote.url(), e)
+            checked = False
+            log.warning(
+                "could not look for checkpoints at %s: %s. Training starts from what is local; nothing is "
+                "uploaded until the remote is reachable and holds no newer checkpoint of this run",
+                remote.url(),
+                e,
+            )
     found = [c for c in candidates if c is not None]
-    return max(found, key=lambda c: c.step) if found else None
+    return (max(found, key=lambda c: c.step) if found else None), checked
 
 
 def run(cfg: DictConfig) -> float:
@@ -130,7 +137,7 @@ def run(cfg: DictConfig) -> float:
         return float("nan")
     plugin = build.build_storage(cfg)
 
-    ref = find_resume(trainer, run_dir, plugin, name)
+    ref, remote_checked = find_resume(trainer, run_dir, plugin, name)
     os.makedirs(run_dir, exist_ok=True)
     # NOTE: before the resume message, so a requeued job's own log file says where it continued from.
     _add_log_file(run_dir, env.rank)
@@ -156,6 +163,8 @@ def run(cfg: DictConfig) -> float:
     if env.rank == 0:
         protect = {ref.step} if ref is not None else set()
         syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect)
+        if syncer is not None and not remote_checked:
+            syncer.guard(resumed_step=ref.step if ref is not None else None)
     ckpt = checkpoint.Checkpointer(
         run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None
     )

@@ -39,6 +39,10 @@ class SyncError(StorageError):
     """The final sync did not reach the remote: the run's results are not safe there."""
 
 
+class SyncConflict(SyncError):
+    """The remote holds checkpoints of this run that the run never saw: uploading could overwrite them."""
+
+
 # --------------------------------------------------------------------------- one pass
 @dataclass
 class _Seen:
@@ -151,6 +155,35 @@ class Syncer:
         self._abort = threading.Event()
         #: Content checks that run beside uploads (one pool per pass).
         self._checks: ThreadPoolExecutor
+        #: See :meth:`guard`: (step the run resumed from, or -1) while the remote has not been checked.
+        self._guarded: int | None = None
+
+    def guard(self, resumed_step: int | None) -> None:
+        """The run could not look at the remote when it started (it was unreachable), so it may be training
+        behind checkpoints that are there (say, a requeue onto a new machine during an outage). Upload
+        nothing until a listing shows no checkpoint newer than ``resumed_step``; if there is one, every pass
+        fails with :class:`SyncConflict` instead of overwriting it (and the run ends non-zero)."""
+        self._guarded = -1 if resumed_step is None else resumed_step
+
+    def _check_guard(self, listing: dict[str, RemoteObject]) -> None:
+        if self._guarded is None:
+            return
+        newer = sorted(
+            s
+            for rel in listing
+            if rel.endswith("/" + MANIFEST) and (s := _step(_checkpoint_of(rel) or "")) is not None
+            if s > self._guarded
+        )
+        if newer:
+            started = "started fresh" if self._guarded < 0 else f"resumed from step {self._guarded}"
+            raise SyncConflict(
+                f"{self.remote.url} holds checkpoints of this run up to step {newer[-1]} that it could not see "
+                f"when it started (the remote was unreachable), so it {started}. Nothing is uploaded, so they "
+                f"are not overwritten; this run's files stay in {self.local_dir}. Rerun the same command to "
+                "resume from the remote's newest checkpoint, or pick another name=... to keep both"
+            )
+        log.info("%s is reachable and holds no newer checkpoint of this run: syncing", self.remote.url)
+        self._guarded = None
 
     # ----------------------------------------------------------------- status
     def confirmed(self, step: int) -> bool:
@@ -364,6 +397,7 @@ class Syncer:
                 futures[pool.submit(self._upload, rel, st, tick, holds)] = (rel, st)
             try:
                 listing = listed.result()
+                self._check_guard(listing)
             except BaseException:
                 self._abort.set()  # Queued uploads are not attempted; the failed listing is the error.
                 raise
@@ -540,6 +574,8 @@ class Syncer:
                     self._report(result)
                     return result
                 error = "; ".join(f"{msg}" for _, msg in sorted(result.failed.items())[:5])
+            except SyncConflict:
+                raise  # Retrying cannot help: the user has to choose.
             except Exception as e:
                 error = f"{type(e).__name__}: {_scrub(str(e))}"
             if attempt + 1 < attempts:

@@ -223,6 +223,35 @@ def test_unreachable_at_start_trains_warns_and_converges(
 
 
 @pytest.mark.full_suite
+def test_unreachable_at_start_with_history_on_the_remote_never_overwrites_it(
+    tmp_path: Path, server: S3Server, proxy: FaultProxy, watched: list[Watched]
+) -> None:
+    # A first process of the run put its checkpoints on the remote.
+    bucket = server.new_bucket("history")
+    args = [*ARGS, *s3_args(proxy.endpoint, bucket)]
+    first = Watched(args, tmp_path / "first", tmp_path / "first.log", server, bucket)
+    watched.append(first)
+    assert first.finish() == 0, first.text()[-3000:]
+    before = {key: server.read(bucket, f"runs/{key}") for key in server.objects(bucket, "runs/")}
+    # The same command on a new machine (no local copy) during an outage that ends once training started.
+    proxy.mode = "down"
+    second = Watched(args, tmp_path / "second", tmp_path / "second.log", server, bucket)
+    watched.append(second)
+    second.until(lambda: "could not look for checkpoints" in second.text(), "the resume lookup to give up")
+    proxy.mode = "pass"
+    assert second.finish() != 0, second.text()[-3000:]
+    out = second.text()
+    assert "starting fresh" in out and f"holds checkpoints of this run up to step {STEPS}" in out, out[-3000:]
+    after = {key: server.read(bucket, f"runs/{key}") for key in server.objects(bucket, "runs/")}
+    assert after == before, "the run overwrote checkpoints it never saw"
+    assert STEPS in committed_steps(second.run_dir), "the run's own work must stay on local disk"
+    # Once the store answers, the same command continues from the remote's newest checkpoint.
+    third = run_cli([*args, f"hydra.run.dir={tmp_path / 'third'}"], tmp_path)
+    assert f"resuming from step {STEPS} (checkpoint s3://" in third.stdout + third.stderr
+    summary.case(ROW_STORE)
+
+
+@pytest.mark.full_suite
 def test_unreachable_mid_run_keeps_local_copies_and_converges(
     tmp_path: Path, server: S3Server, proxy: FaultProxy, watched: list[Watched]
 ) -> None:

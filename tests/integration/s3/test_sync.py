@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from runner.storage import StoragePlugin
-from runner.storage.sync import Syncer, SyncError, _scrub
+from runner.storage.sync import SyncConflict, Syncer, SyncError, _scrub
 from runner.storage.transfer import Remote, S3Remote, StorageRemote, s3_etag
 from tests.s3_server import S3Server
 
@@ -201,6 +201,48 @@ def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, 
         assert syncer.sync_once().uploaded == ["big.bin"], i
     write(run, "big.bin", bytes([2]) * (6 * MB), mtime_bump=5)  # new mtime, same bytes
     assert syncer.sync_once().uploaded == []
+    assert remote_tree(remote) == local_tree(run)
+
+
+def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tmp_path: Path, remote: Remote) -> None:
+    # An earlier process of the run left checkpoints 1 and 2 (and its metrics) on the remote.
+    earlier = tmp_path / "earlier"
+    checkpoint(earlier, 1)
+    checkpoint(earlier, 2, payload=b"e" * 1000)
+    write(earlier, "metrics.jsonl", b"earlier history\n")
+    assert Syncer(str(earlier), remote).sync_once().ok
+    before = {rel: obj for rel, obj in remote.listing().items()}
+
+    # This process could not list the remote at start (outage) and started fresh: same names, other bytes.
+    fresh = tmp_path / "fresh"
+    checkpoint(fresh, 1, payload=b"f" * 1000)
+    checkpoint(fresh, 2, payload=b"g" * 1000)
+    write(fresh, "metrics.jsonl", b"new\n")
+    syncer = Syncer(str(fresh), remote, backoff_s=0.01)
+    syncer.guard(resumed_step=None)
+    with pytest.raises(SyncConflict, match="up to step 2"):
+        syncer.sync_once()
+    with pytest.raises(SyncConflict):  # the final sync does not retry: the user has to choose
+        syncer.final_sync()
+    assert remote.listing() == before, "a guarded syncer uploaded something"
+    assert not syncer.confirmed(1) and not syncer.confirmed(2)  # so local retention keeps everything
+
+    # Resumed from step 2 (the newest the remote has): nothing newer there, so it syncs normally.
+    resumed = tmp_path / "resumed"
+    checkpoint(resumed, 2, payload=b"e" * 1000)
+    checkpoint(resumed, 3)
+    syncer = Syncer(str(resumed), remote)
+    syncer.guard(resumed_step=2)
+    assert syncer.sync_once().ok
+    assert "checkpoints/step_3/manifest.json" in remote.listing()
+
+
+def test_a_guarded_syncer_on_an_empty_remote_just_syncs(tmp_path: Path, remote: Remote) -> None:
+    run = tmp_path / "run"
+    checkpoint(run, 1)
+    syncer = Syncer(str(run), remote)
+    syncer.guard(resumed_step=None)
+    assert syncer.sync_once().ok
     assert remote_tree(remote) == local_tree(run)
 
 
