@@ -20,6 +20,7 @@ import pickle
 import platform
 import re
 import shutil
+import socket
 import sys
 import time
 import warnings
@@ -431,8 +432,18 @@ def load(ref: CheckpointRef, state: TrainState, scratch: str) -> None:
     local_dir = ref.url
     if not isinstance(ref.storage, LocalStorage):
         local_dir = os.path.join(scratch, step_dir(ref.step))
-        log.info("downloading checkpoint %s to %s", ref.url, local_dir)
-        download(ref, local_dir)
+        error = None
+        # NOTE: one download per node (ranks on a node share its disk); the other ranks wait for it, and
+        # if it failed anywhere every rank raises.
+        if distributed.local_rank() == 0:
+            log.info("downloading checkpoint %s to %s", ref.url, local_dir)
+            try:
+                download(ref, local_dir)
+            except Exception as e:
+                error = _one_line(e)
+        error = distributed.first_error(error)
+        if error is not None:
+            raise CheckpointError(f"could not download {ref.url}: {error}")
     rank = distributed.rank()
     name = rank_file(rank) if rank_file(rank) in ref.manifest["files"] else rank_file(0)
     if name != rank_file(rank):
@@ -491,7 +502,8 @@ def download(ref: CheckpointRef, local_dir: str) -> None:
     """Fetch a remote checkpoint into ``local_dir`` (atomically: ``.tmp`` then rename) and re-verify it."""
     if os.path.isdir(local_dir) and verify(LocalStorage(local_dir), "")[0] is not None:
         return
-    tmp = f"{local_dir}.tmp"
+    # A name of its own: nodes that share a file system may download the same checkpoint at once.
+    tmp = f"{local_dir}.{socket.gethostname()}-{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     for name in ref.manifest["files"]:
         ref.storage.get(f"{ref.path}/{name}", os.path.join(tmp, name))
@@ -501,7 +513,11 @@ def download(ref: CheckpointRef, local_dir: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"downloaded checkpoint {ref.url} does not verify: {reason}")
     os.makedirs(os.path.dirname(local_dir), exist_ok=True)
-    shutil.rmtree(local_dir, ignore_errors=True)
+    if os.path.isdir(local_dir):
+        if verify(LocalStorage(local_dir), "")[0] is not None:  # another node got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        shutil.rmtree(local_dir, ignore_errors=True)
     os.replace(tmp, local_dir)
 
 

@@ -259,3 +259,23 @@ def test_failed_final_sync_exits_non_zero(tmp_path: Path, s3_server: S3Server) -
     assert proc.returncode != 0
     assert "SyncError: final sync of" in proc.stderr
     assert committed_steps(tmp_path / "run") == {3, 6}, "nothing may be deleted locally that is not remote"
+
+
+# --------------------------------------------------------------------------- two ranks, remote-only resume
+@pytest.mark.dist
+def test_two_ranks_resume_from_the_remote_with_one_download(tmp_path: Path, s3_server: S3Server) -> None:
+    """A requeue onto a new node: no local copy, two ranks. One download per node, both ranks resume."""
+    from tests.integration.test_distributed import _torchrun
+
+    bucket = s3_server.new_bucket("ddp")
+    args = [*TINY, *s3_args(s3_server, bucket, every="1h"), "trainer.batch_size=4", "name=ddp"]
+    _torchrun([*args, "trainer.max_steps=6"], tmp_path)
+    run_dir = tmp_path / "outputs" / "ddp"
+    shutil.rmtree(run_dir)
+    out = _torchrun([*args, "trainer.max_steps=9", "trainer.eval_every=9", "trainer.ckpt_every=9"], tmp_path).stdout
+    assert f"resuming from step 6 (checkpoint s3://{bucket}/runs/ddp/checkpoints/step_6)" in out, out[-3000:]
+    logs = {r: (run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)}
+    assert [r for r in (0, 1) if "downloading checkpoint" in logs[r]] == [0], logs
+    assert all("loaded checkpoint at step 6" in logs[r] for r in (0, 1)), logs
+    assert 9 in committed_steps(run_dir)
+    assert not list((run_dir / "checkpoints").glob("*.tmp")), "a download left its temporary folder"
