@@ -162,7 +162,7 @@ def run(cfg: DictConfig) -> float:
     syncer = None
     if env.rank == 0:
         protect = {ref.step} if ref is not None else set()
-        syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect)
+        syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect, owner=config_hash(cfg))
         if syncer is not None and not remote_checked:
             syncer.guard(resumed_step=ref.step if ref is not None else None)
     ckpt = checkpoint.Checkpointer(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import functools
+import json
 import logging
 import os
 import threading
@@ -106,9 +107,12 @@ def _step(folder: str) -> int | None:
 class Syncer:
     """Mirrors ``local_dir`` to ``remote``; :meth:`start` runs passes every ``every_s`` on a thread.
 
-    Remote retention: after a pass, checkpoints this syncer uploaded beyond the newest ``keep_latest_k``
-    remote ones are deleted (manifest first, so a half-deleted checkpoint is never valid), except any
-    step in ``protect`` and the newest remote checkpoint.
+    Remote retention: after a pass, checkpoints of this run beyond the newest ``keep_latest_k`` remote ones
+    are deleted (manifest first, so a half-deleted checkpoint is never valid), except any step in
+    ``protect`` and the newest remote checkpoint. "Of this run": uploaded by this syncer, or (with
+    ``owner``, the run's config hash) written by an earlier process of the same run, as a requeued or
+    restarted job finds them: their manifest names the same ``config_hash``. Anything else under the
+    prefix (another run's checkpoints, a manifest that cannot be read) is left alone.
     """
 
     def __init__(
@@ -123,6 +127,7 @@ class Syncer:
         retries: int = 3,
         backoff_s: float = 0.5,
         warn_every_s: float = 30.0,
+        owner: str | None = None,
     ) -> None:
         self.local_dir = os.path.abspath(local_dir)
         self.remote = remote
@@ -138,6 +143,9 @@ class Syncer:
         #: Content key of each file's latest hashed version: rel -> (size, mtime_ns, key).
         self._keys: dict[str, tuple[int, int, str]] = {}
         self._written: set[int] = set()
+        self.owner = owner
+        #: Remote checkpoints not uploaded by this syncer: step -> written by this run (manifest read once).
+        self._owned: dict[int, bool] = {}
         self._confirmed: set[int] = set()
         self._superseded: set[int] = set()
         self._lock = threading.Lock()
@@ -486,12 +494,12 @@ class Syncer:
         if not valid:
             return
         keep = set(valid[: self.keep_latest_k]) | self.protect | {valid[0]}
-        with self._lock:
-            doomed = sorted(s for s in self._written if s in valid and s not in keep)
-        for step in doomed:
+        for step in sorted(s for s in valid if s not in keep):
             folder = f"checkpoints/step_{step}"
             files = sorted(rel for rel in present if rel.startswith(folder + "/"))
             try:
+                if not self._of_this_run(step):
+                    continue
                 # Manifest first: from that moment the remote copy is no longer a checkpoint.
                 for rel in sorted(files, key=lambda r: not r.endswith("/" + MANIFEST)):
                     self.remote.delete(rel)
@@ -500,8 +508,26 @@ class Syncer:
                 continue
             with self._lock:
                 self._written.discard(step)
+            self._owned.pop(step, None)
             result.deleted.append(folder)
             log.info("retention: deleted remote checkpoint %s/%s", self.remote.url, folder)
+
+    def _of_this_run(self, step: int) -> bool:
+        with self._lock:
+            if step in self._written:
+                return True
+        if self.owner is None:
+            return False
+        if step not in self._owned:
+            rel = f"checkpoints/step_{step}/{MANIFEST}"
+            try:
+                manifest = json.loads(self.remote.read(rel))
+                self._owned[step] = isinstance(manifest, dict) and manifest.get("config_hash") == self.owner
+            except ValueError:
+                self._owned[step] = False  # Not a manifest we can read: not ours to delete.
+            # NOTE: any other error (the remote went away) propagates: _retain reports it in the pass result,
+            # and the next pass asks again.
+        return self._owned[step]
 
     # ----------------------------------------------------------------- background
     def _report(self, result: PassResult | None, error: str = "") -> None:
@@ -608,9 +634,17 @@ def finish(syncer: Syncer | None, failed: bool, on_done: Callable[[], object] = 
     on_done()
 
 
-def for_run(plugin: Any, name: str, run_dir: str, keep_latest_k: int, protect: set[int] | None = None) -> Syncer | None:
-    """The syncer for run ``name`` per ``storage.*`` (``plugin`` is a StoragePlugin), or None if local-only."""
+def for_run(
+    plugin: Any,
+    name: str,
+    run_dir: str,
+    keep_latest_k: int,
+    protect: set[int] | None = None,
+    owner: str | None = None,
+) -> Syncer | None:
+    """The syncer for run ``name`` per ``storage.*`` (``plugin`` is a StoragePlugin), or None if local-only.
+    ``owner``: the run's config hash, as its checkpoint manifests record it (see :class:`Syncer`)."""
     if not plugin.has_remote:
         return None
     remote = open_remote(f"{plugin.url.rstrip('/')}/{name}", plugin.endpoint_url, plugin.region, plugin.client_kwargs)
-    return Syncer(run_dir, remote, plugin.sync_every_s, plugin.exclude, keep_latest_k, protect)
+    return Syncer(run_dir, remote, plugin.sync_every_s, plugin.exclude, keep_latest_k, protect, owner=owner)

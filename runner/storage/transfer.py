@@ -53,6 +53,10 @@ class Remote(Protocol):
 
     def delete(self, rel: str) -> None: ...
 
+    def read(self, rel: str) -> bytes:
+        """The whole object ``rel`` (small files only: retention reads checkpoint manifests)."""
+        ...
+
     def content_key(self, local_file: str) -> str: ...
 
 
@@ -165,6 +169,9 @@ class S3Remote:
     def delete(self, rel: str) -> None:
         self.client.delete_object(Bucket=self.bucket, Key=self.prefix + rel)
 
+    def read(self, rel: str) -> bytes:
+        return bytes(self.client.get_object(Bucket=self.bucket, Key=self.prefix + rel)["Body"].read())
+
     def content_key(self, local_file: str) -> str:
         return s3_etag(local_file, self.part_bytes)
 
@@ -196,6 +203,9 @@ class StorageRemote:
 
     def delete(self, rel: str) -> None:
         self.storage.delete(rel)
+
+    def read(self, rel: str) -> bytes:
+        return self.storage.read_bytes(rel)
 
     def content_key(self, local_file: str) -> str:
         from runner.storage.local import sha256_file

@@ -173,6 +173,20 @@ def test_resume_from_remote_after_losing_the_machine_is_bitwise_identical(
     assert first.returncode == 0
 
 
+def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
+    # Each requeue is a new process of the same run; the checkpoints earlier processes uploaded are the
+    # run's own, so keep_latest_k bounds them too (the one a process resumed from is kept while it runs).
+    run_dir = tmp_path / "run"
+    args = [*TINY, *s3_args(s3_server, bucket), "trainer.keep_latest_k=1", f"hydra.run.dir={run_dir}"]
+    for steps in (6, 12, 18):
+        done = run_cli([*args, f"trainer.max_steps={steps}"], REPO)
+        assert done.returncode == 0, done.stdout + done.stderr
+    said = done.stdout + done.stderr
+    assert "resuming from step 12" in said, said
+    assert remote_steps(s3_server, bucket) == {12, 18}
+    assert committed_steps(run_dir) == {18}
+
+
 def test_resume_from_a_named_remote_checkpoint(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
     source = tmp_path / "source"
     run_cli([*TINY, *s3_args(s3_server, bucket), "trainer.max_steps=6", f"hydra.run.dir={source}"], REPO)

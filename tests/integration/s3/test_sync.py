@@ -29,11 +29,11 @@ def write(root: Path, rel: str, data: bytes, mtime_bump: float = 0.0) -> None:
         os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + int(mtime_bump * 1e9)))
 
 
-def checkpoint(root: Path, step: int, payload: bytes = b"w" * 1000) -> None:
+def checkpoint(root: Path, step: int, payload: bytes = b"w" * 1000, manifest: bytes | None = None) -> None:
     folder = f"checkpoints/step_{step}"
     write(root, f"{folder}/__0_0.distcp", payload)
     write(root, f"{folder}/.metadata", b"meta")
-    write(root, f"{folder}/manifest.json", b'{"step": %d}' % step)
+    write(root, f"{folder}/manifest.json", b'{"step": %d}' % step if manifest is None else manifest)
 
 
 def remote_tree(remote: Remote) -> dict[str, int]:
@@ -163,6 +163,39 @@ def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remot
     steps = {rel.split("/")[1] for rel in remote_tree(remote) if rel.endswith("manifest.json")}
     assert steps == {"step_1", "step_2", "step_5", "step_6"}
     assert not any(rel.startswith(("checkpoints/step_3/", "checkpoints/step_4/")) for rel in remote_tree(remote))
+
+
+def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_path: Path, remote: Remote) -> None:
+    # A requeued (or restarted) job is a new process of the same run: the checkpoints its first process
+    # uploaded are the run's own, and keep_latest_k must bound them too, or every requeue leaves k behind.
+    def ours(step: int) -> bytes:
+        return b'{"step": %d, "config_hash": "abc123"}' % step
+
+    first = tmp_path / "first"
+    for step in (1, 2, 3):
+        checkpoint(first, step, manifest=ours(step))
+    checkpoint(first, 4, manifest=b'{"step": 4, "config_hash": "another"}')  # a different run, same name
+    checkpoint(first, 5, manifest=b"{not json")  # unreadable: not provably ours
+    assert Syncer(str(first), remote, owner="abc123").sync_once().ok
+
+    requeued = tmp_path / "requeued"  # a new machine: it resumed from step 3, downloaded from the remote
+    checkpoint(requeued, 3, manifest=ours(3))
+    syncer = Syncer(str(requeued), remote, keep_latest_k=1, protect={3}, owner="abc123")
+    for step in (6, 7):
+        checkpoint(requeued, step, manifest=ours(step))
+    result = syncer.sync_once()
+    assert result.ok, result.failed
+    # Newest is 7 (kept); 3 is the resume point (protected); 6 was already beyond k, so never uploaded;
+    # 1 and 2 are the first process's; 4 and 5 are not this run's.
+    assert sorted(result.deleted) == ["checkpoints/step_1", "checkpoints/step_2"]
+    steps = {int(rel.split("/")[1][5:]) for rel in remote_tree(remote) if rel.endswith("manifest.json")}
+    assert steps == {3, 4, 5, 7}
+    assert not any(rel.startswith(("checkpoints/step_1/", "checkpoints/step_2/")) for rel in remote_tree(remote))
+    # Without an owner (or with another one) nothing of the first process is touched.
+    other = tmp_path / "other"
+    checkpoint(other, 8, manifest=ours(8))
+    stranger = Syncer(str(other), remote, keep_latest_k=1, owner="zzz")
+    assert stranger.sync_once().deleted == []
 
 
 def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: Path, remote: Remote) -> None:
