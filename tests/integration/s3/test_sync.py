@@ -226,14 +226,36 @@ def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: P
 
 
 def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, remote: Remote) -> None:
-    # Same size every time, new content every time: each pass hashes it (while listing) and uploads it.
+    # Same size every time, new content every time: each pass fingerprints it (while uploading) and
+    # uploads it; the content key (an MD5 pass for S3) is not needed to see that it changed.
     run = tmp_path / "run"
     syncer = Syncer(str(run), remote)
+    keyed: list[str] = []
+    content_key = remote.content_key
+    remote.content_key = lambda path: keyed.append(path) or content_key(path)  # type: ignore[method-assign]
     for i in range(3):
         write(run, "big.bin", bytes([i]) * (6 * MB), mtime_bump=i)
         assert syncer.sync_once().uploaded == ["big.bin"], i
+    if remote.lists_content_keys:  # (elsewhere the content key is what an upload records)
+        assert keyed == []
     write(run, "big.bin", bytes([2]) * (6 * MB), mtime_bump=5)  # new mtime, same bytes
     assert syncer.sync_once().uploaded == []
+    assert keyed  # the fingerprint matched what went up: the remote's content key decided
+    assert remote_tree(remote) == local_tree(run)
+    # Changed while it uploaded: that fingerprint is not kept, so the next pass goes by content key.
+    write(run, "big.bin", bytes([3]) * (6 * MB), mtime_bump=6)
+    upload = remote.upload
+
+    def rewrite_midway(*args: object, **kwargs: object) -> None:
+        upload(*args, **kwargs)  # type: ignore[arg-type]
+        write(run, "big.bin", bytes([4]) * (6 * MB), mtime_bump=7)
+
+    remote.upload = rewrite_midway  # type: ignore[method-assign]
+    assert syncer.sync_once().uploaded == ["big.bin"]
+    remote.upload = upload  # type: ignore[method-assign]
+    assert syncer._seen["big.bin"].fingerprint is None
+    assert syncer.sync_once().uploaded == ["big.bin"]
+    assert syncer._seen["big.bin"].fingerprint is not None
     assert remote_tree(remote) == local_tree(run)
 
 
