@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -61,6 +61,10 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """The checkpoint asks to unpickle something outside the allow-list: refused."""
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint's files do not match its manifest (found after downloading it)."""
 
 
 def step_dir(step: int) -> str:
@@ -129,18 +133,29 @@ class CheckpointRef:
     storage: Storage
     path: str
     manifest: dict[str, Any]
+    #: Where it came from, if this is a local copy of a remote checkpoint (see :func:`fetch`).
+    origin: str = ""
 
     @property
     def url(self) -> str:
         return self.storage.url(self.path)
+
+    @property
+    def source(self) -> str:
+        """Where the checkpoint came from, for messages: the remote URL of a downloaded copy."""
+        return self.origin or self.url
 
 
 def _join(path: str, name: str) -> str:
     return f"{path}/{name}" if path else name
 
 
-def verify(storage: Storage, path: str) -> tuple[dict[str, Any] | None, str]:
-    """(manifest, "") if the checkpoint at ``path`` is complete and intact, else (None, reason)."""
+def verify(storage: Storage, path: str, checksums: bool = True) -> tuple[dict[str, Any] | None, str]:
+    """(manifest, "") if the checkpoint at ``path`` is complete and intact, else (None, reason).
+
+    ``checksums=False`` checks the structure only (manifest, file names and sizes): for a remote checkpoint
+    that is about to be downloaded, whose bytes are checked once, in the local copy (:func:`fetch`).
+    """
     if not storage.exists(_join(path, MANIFEST)):
         return None, f"no {MANIFEST} (incomplete or not a checkpoint)"
     try:
@@ -164,6 +179,8 @@ def verify(storage: Storage, path: str) -> tuple[dict[str, Any] | None, str]:
             return None, f"{name} has {storage.size(target)} bytes, manifest says {info['size']}"
     if ".metadata" not in files or rank_file(0) not in files:
         return None, f"{MANIFEST} lists no .metadata or {rank_file(0)}"
+    if not checksums:
+        return manifest, ""
     # Checksums last (they read every byte), one file per thread: hashlib and file reads release the GIL,
     # so the data files (one per DCP writer thread) are hashed side by side.
     names = sorted(files)
@@ -184,23 +201,58 @@ def list_steps(storage: Storage) -> list[int]:
     return sorted(steps, reverse=True)
 
 
+def valid_refs(storage: Storage, checksums: bool = True, newer_than: int = -1) -> Iterator[CheckpointRef]:
+    """Checkpoints newer than ``newer_than`` that verify, newest first; each one skipped is named in a
+    warning with the reason. ``checksums=False``: see :func:`verify`."""
+    for step in list_steps(storage):
+        if step <= newer_than:
+            return
+        path = f"{CKPT_DIR}/{step_dir(step)}"
+        manifest, reason = verify(storage, path, checksums)
+        if manifest is not None:
+            yield CheckpointRef(step, storage, path, manifest)
+        else:
+            log.warning("skipping checkpoint %s: %s", storage.url(path), reason)
+
+
 def newest_valid(storage: Storage) -> CheckpointRef | None:
     """Newest checkpoint that verifies; each one skipped is named in a warning with the reason."""
-    for step in list_steps(storage):
-        path = f"{CKPT_DIR}/{step_dir(step)}"
-        manifest, reason = verify(storage, path)
-        if manifest is not None:
-            return CheckpointRef(step, storage, path, manifest)
-        log.warning("skipping checkpoint %s: %s", storage.url(path), reason)
-    return None
+    return next(valid_refs(storage), None)
 
 
-def ref_at(storage: Storage, path: str) -> CheckpointRef:
+def ref_at(storage: Storage, path: str, checksums: bool = True) -> CheckpointRef:
     """An explicitly named checkpoint (``trainer.resume=<path>``): invalid is an error, not a skip."""
-    manifest, reason = verify(storage, path)
+    manifest, reason = verify(storage, path, checksums)
     if manifest is None:
         raise CheckpointError(f"trainer.resume={storage.url(path)} is not a valid checkpoint: {reason}")
     return CheckpointRef(int(manifest["step"]), storage, path, manifest)
+
+
+def fetch(ref: CheckpointRef, folder: str) -> CheckpointRef:
+    """A verified local copy of remote checkpoint ``ref`` in ``folder`` (the run's checkpoints folder).
+
+    Collective when distributed: local rank 0 of each node downloads and verifies (ranks on a node share
+    its disk), the others wait; a failure anywhere raises on every rank: :class:`CorruptCheckpoint` if a
+    downloaded copy does not match its manifest, :class:`CheckpointError` if the download failed.
+    """
+    local_dir = os.path.join(folder, step_dir(ref.step))
+    error, corrupt = None, False
+    if distributed.local_rank() == 0:
+        log.info("downloading checkpoint %s to %s", ref.url, local_dir)
+        try:
+            download(ref, local_dir)
+        except CorruptCheckpoint as e:
+            error, corrupt = str(e), True
+        except Exception as e:
+            error = f"could not download {ref.url}: {_one_line(e)}"
+    error = distributed.first_error(error)
+    corrupt = distributed.any_true(corrupt)
+    if error is not None:
+        raise (CorruptCheckpoint if corrupt else CheckpointError)(error)
+    with open(os.path.join(local_dir, MANIFEST), "rb") as f:
+        manifest = json.load(f)  # The copy's own (verified) manifest: the remote may have moved on since.
+    parent, _, name = local_dir.rpartition(os.sep)
+    return CheckpointRef(ref.step, LocalStorage(parent), name, manifest, origin=ref.url)
 
 
 # --------------------------------------------------------------------------- save / load
@@ -429,21 +481,9 @@ def _one_line(error: BaseException) -> str:
 
 def load(ref: CheckpointRef, state: TrainState, scratch: str) -> None:
     """Load ``ref`` into ``state`` in place (downloading it into ``scratch`` first if it is remote)."""
-    local_dir = ref.url
     if not isinstance(ref.storage, LocalStorage):
-        local_dir = os.path.join(scratch, step_dir(ref.step))
-        error = None
-        # NOTE: one download per node (ranks on a node share its disk); the other ranks wait for it, and
-        # if it failed anywhere every rank raises.
-        if distributed.local_rank() == 0:
-            log.info("downloading checkpoint %s to %s", ref.url, local_dir)
-            try:
-                download(ref, local_dir)
-            except Exception as e:
-                error = _one_line(e)
-        error = distributed.first_error(error)
-        if error is not None:
-            raise CheckpointError(f"could not download {ref.url}: {error}")
+        ref = fetch(ref, scratch)
+    local_dir = ref.url
     rank = distributed.rank()
     name = rank_file(rank) if rank_file(rank) in ref.manifest["files"] else rank_file(0)
     if name != rank_file(rank):
@@ -511,7 +551,7 @@ def download(ref: CheckpointRef, local_dir: str) -> None:
     manifest, reason = verify(LocalStorage(tmp), "")
     if manifest is None:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"downloaded checkpoint {ref.url} does not verify: {reason}")
+        raise CorruptCheckpoint(f"{reason} (in the downloaded copy)")
     os.makedirs(os.path.dirname(local_dir), exist_ok=True)
     if os.path.isdir(local_dir):
         if verify(LocalStorage(local_dir), "")[0] is not None:  # another node got there first

@@ -13,6 +13,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -88,35 +89,63 @@ def _save_config(cfg: DictConfig, run_dir: str) -> None:
     atomic_write(os.path.join(folder, "overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create(safe)).encode())
 
 
-def find_resume(
-    trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, name: str
-) -> tuple[checkpoint.CheckpointRef | None, bool]:
-    """The checkpoint to continue from, per ``trainer.resume`` (auto / none / a path or URL), and whether
-    the run's remote (if any) could be looked at: False when ``auto`` could not list it."""
+@dataclass
+class ResumePlan:
+    """Where a run may continue from, found before any work starts (see :func:`find_resume`)."""
+
+    #: The newest verified local checkpoint (or the one ``trainer.resume`` names, if local).
+    local: checkpoint.CheckpointRef | None = None
+    #: Newer remote checkpoints, newest first, checked by structure only: their bytes are verified once,
+    #: in the downloaded copy (:meth:`resolve`), instead of streamed once to hash and again to download.
+    remote: list[checkpoint.CheckpointRef] = field(default_factory=list)
+    #: False when ``auto`` could not list the run's remote.
+    checked: bool = True
+    #: ``trainer.resume`` named a checkpoint: if it does not verify, that is an error, not a skip.
+    explicit: bool = False
+
+    def resolve(self, folder: str) -> checkpoint.CheckpointRef | None:
+        """The checkpoint to load: the newest remote one whose downloaded copy verifies (into ``folder``),
+        else the local one. Collective when distributed (one download per node)."""
+        for ref in self.remote:
+            try:
+                return checkpoint.fetch(ref, folder)
+            except checkpoint.CorruptCheckpoint as e:
+                if self.explicit:
+                    message = f"trainer.resume={ref.url} is not a valid checkpoint: {e}"
+                    raise checkpoint.CheckpointError(message) from None
+                log.warning("skipping checkpoint %s: %s", ref.url, e)
+        return self.local
+
+
+def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, name: str) -> ResumePlan:
+    """The checkpoints to continue from, per ``trainer.resume`` (auto / none / a path or URL)."""
     choice = trainer.resume.strip()
     if choice == "none":
-        return None, True
+        return ResumePlan()
     if choice != "auto":
         target = choice.rstrip("/")
         if "://" not in target:
             target = os.path.abspath(target)
         parent, _, folder = target.rpartition("/")
-        return checkpoint.ref_at(plugin.open_url(parent), folder), True
-    candidates = [checkpoint.newest_valid(LocalStorage(run_dir))]
-    remote, checked = plugin.remote(name), True
+        storage = plugin.open_url(parent)
+        if isinstance(storage, LocalStorage):
+            return ResumePlan(local=checkpoint.ref_at(storage, folder), explicit=True)
+        return ResumePlan(remote=[checkpoint.ref_at(storage, folder, checksums=False)], explicit=True)
+    plan = ResumePlan(local=checkpoint.newest_valid(LocalStorage(run_dir)))
+    remote = plugin.remote(name)
     if remote is not None:
         try:
-            candidates.append(checkpoint.newest_valid(remote))
+            newer = plan.local.step if plan.local is not None else -1
+            plan.remote = list(checkpoint.valid_refs(remote, checksums=False, newer_than=newer))
         except Exception as e:  # An unreachable remote must not stop a run that has a local copy.
-            checked = False
+            plan.checked = False
             log.warning(
                 "could not look for checkpoints at %s: %s. Training starts from what is local; nothing is "
                 "uploaded until the remote is reachable and holds no newer checkpoint of this run",
                 remote.url(),
                 e,
             )
-    found = [c for c in candidates if c is not None]
-    return (max(found, key=lambda c: c.step) if found else None), checked
+    return plan
 
 
 def run(cfg: DictConfig) -> float:
@@ -137,10 +166,18 @@ def run(cfg: DictConfig) -> float:
         return float("nan")
     plugin = build.build_storage(cfg)
 
-    ref, remote_checked = find_resume(trainer, run_dir, plugin, name)
+    plan = find_resume(trainer, run_dir, plugin, name)
     os.makedirs(run_dir, exist_ok=True)
-    # NOTE: before the resume message, so a requeued job's own log file says where it continued from.
+    # NOTE: before the download and the resume message, so a requeued job's own log file says where it
+    # continued from.
     _add_log_file(run_dir, env.rank)
+    if env.rank == 0:
+        _save_config(cfg, run_dir)
+
+    if trainer.threads:
+        torch.set_num_threads(trainer.threads)
+    distributed.init(env, device, trainer.dist_timeout_s)
+    ref, remote_checked = plan.resolve(os.path.join(run_dir, checkpoint.CKPT_DIR)), plan.checked
     if env.rank == 0:
         if ref is None:
             log.info("run %r: starting fresh in %s", name, run_dir)
@@ -150,14 +187,8 @@ def run(cfg: DictConfig) -> float:
                 "or another name=...",
                 name,
                 ref.step,
-                ref.url,
+                ref.source,
             )
-    if env.rank == 0:
-        _save_config(cfg, run_dir)
-
-    if trainer.threads:
-        torch.set_num_threads(trainer.threads)
-    distributed.init(env, device, trainer.dist_timeout_s)
     # Rank 0 mirrors the run directory; local retention waits for each checkpoint to be confirmed there.
     syncer = None
     if env.rank == 0:

@@ -250,3 +250,44 @@ def test_partial_saves_are_cleaned_and_never_loaded(tmp_path: Path) -> None:
     assert ref is not None and ref.step == 2
     Checkpointer(str(tmp_path), 2, "x").clean_partial()
     assert not partial.exists()
+
+
+def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: Path) -> None:
+    # Resuming from the remote reads each byte once: the candidate is checked by structure (manifest, names,
+    # sizes), downloaded, and its checksums are verified in the local copy, not streamed twice.
+    import uuid
+
+    from runner.storage import StoragePlugin
+
+    state = make_state()
+    train_steps(state, 2)
+    ckpt = Checkpointer(str(tmp_path / "src"), keep_latest_k=3, config_hash="x")
+    for _ in range(2):
+        ckpt.save(state)
+        train_steps(state, 2)
+    remote = StoragePlugin().open_url(f"memory://ckpt-{uuid.uuid4().hex[:8]}/run")
+    for folder in ("step_2", "step_4"):
+        for name in os.listdir(tmp_path / "src" / "checkpoints" / folder):
+            remote.put(str(tmp_path / "src" / "checkpoints" / folder / name), f"checkpoints/{folder}/{name}")
+    hashed: list[str] = []
+    remote_checksum = remote.checksum
+    remote.checksum = lambda path, algorithm="sha256": hashed.append(path) or remote_checksum(path, algorithm)  # type: ignore[method-assign]
+
+    refs = list(checkpoint.valid_refs(remote, checksums=False))
+    assert [r.step for r in refs] == [4, 2] and hashed == []
+    local = checkpoint.fetch(refs[0], str(tmp_path / "run" / "checkpoints"))
+    assert hashed == []
+    assert isinstance(local.storage, LocalStorage) and local.source == refs[0].url and local.step == 4
+    assert checkpoint.verify(LocalStorage(str(tmp_path / "run" / "checkpoints")), "step_4")[0] is not None
+
+    # A flipped byte on the remote passes the structure check and is caught in the copy, naming the file;
+    # the copy is not left behind.
+    data = next(n for n in refs[1].manifest["files"] if n.endswith(".distcp"))
+    body = bytearray(remote.read_bytes(f"checkpoints/step_2/{data}"))
+    body[len(body) // 2] ^= 1
+    with remote.open(f"checkpoints/step_2/{data}", "wb") as f:
+        f.write(bytes(body))
+    assert checkpoint.verify(remote, "checkpoints/step_2", checksums=False)[0] is not None
+    with pytest.raises(checkpoint.CorruptCheckpoint, match=data):
+        checkpoint.fetch(refs[1], str(tmp_path / "run" / "checkpoints"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_4"]
