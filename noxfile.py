@@ -27,7 +27,8 @@ def install(session: nox.Session, *extras: str) -> None:
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (S3, SLURM and multi-process tests start their own servers)."""
     install(session, "test", "sweep")
-    session.run("pytest", *(session.posargs or ["-q"]))
+    # --durations: the suite must stay under 15 minutes on 2 cores; CI prints where the time goes.
+    session.run("pytest", *(session.posargs or ["-q", "--durations=15"]))
 
 
 @nox.session(python=PYTHON)
