@@ -56,10 +56,10 @@ class _Seen:
     mtime_ns: int
     #: Content key of this (size, mtime) version, once known.
     key: str | None = None
-    #: xxh3 of the uploaded content (big files only), taken just before the upload and kept only if the
-    #: file's size and mtime did not move until it finished. When the file is rewritten with the same size,
-    #: a different fingerprint proves the content changed at a fraction of the cost of the content key
-    #: (the S3 ETag is an MD5 pass, ~0.6 GB/s; xxh3 runs at memory speed).
+    #: xxh3 of the uploaded content (big files only), taken beside the upload and kept only if the file's
+    #: size and mtime did not move from the walk until the upload finished. When the file is rewritten with
+    #: the same size, a different fingerprint proves the content changed at a fraction of the cost of the
+    #: content key (the S3 ETag is an MD5 pass, ~0.6 GB/s; xxh3 runs at memory speed).
     fingerprint: str | None = None
 
 
