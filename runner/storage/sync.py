@@ -547,7 +547,7 @@ class Syncer:
                 for rel in sorted(files, key=lambda r: not r.endswith("/" + MANIFEST)):
                     self.remote.delete(rel)
             except Exception as e:
-                result.failed[folder] = f"could not delete old remote checkpoint {folder}: {_scrub(str(e))}"
+                result.failed[folder] = f"retention of old remote checkpoint {folder} failed: {_scrub(str(e))}"
                 continue
             with self._lock:
                 self._written.discard(step)
