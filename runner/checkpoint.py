@@ -12,7 +12,6 @@ tensor data with ``weights_only=True``, and a checkpoint with pickled non-tensor
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -21,7 +20,6 @@ import platform
 import re
 import shutil
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,14 +29,19 @@ from typing import Any, TypeVar
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-from torch.distributed.checkpoint.planner import ReadItem
 
 from runner import distributed
 from runner.async_save import AsyncSaver
 from runner.hashing import HashingWriter
+from runner.reading import (
+    CheckpointError,
+    CorruptCheckpoint,
+    OnePassReader,
+    SafeLoadPlanner,
+    SafeReader,
+    UnsafeCheckpointError,
+)
 from runner.state import Payload, TrainState
 from runner.storage import checksum
 from runner.storage.base import Storage
@@ -55,74 +58,12 @@ VERIFY_THREADS = 4
 _T = TypeVar("_T")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or one named explicitly cannot be loaded."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The checkpoint asks to unpickle something outside the allow-list: refused."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint's files do not match its manifest (found after downloading it)."""
-
-
 def step_dir(step: int) -> str:
     return f"step_{step}"
 
 
 def rank_file(rank: int) -> str:
     return f"rank_{rank}.json"
-
-
-# --------------------------------------------------------------------------- safe loading
-_ALLOWED_MODULES = {"torch.distributed.checkpoint.metadata"}
-_ALLOWED_GLOBALS = {
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    ("torch", "Size"),
-    ("torch.serialization", "_get_layout"),
-    ("pathlib", "PosixPath"),
-    ("pathlib", "PurePosixPath"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    """Unpickles DCP's ``.metadata`` only: its dataclasses, dtypes and sizes; anything else is refused."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
-        if (module in _ALLOWED_MODULES and isinstance(getattr(sys.modules.get(module), name, None), type)) or (
-            module,
-            name,
-        ) in _ALLOWED_GLOBALS:
-            return super().find_class(module, name)
-        raise UnsafeCheckpointError(f"checkpoint metadata references {module}.{name}: refusing to load it")
-
-
-class SafeReader(FileSystemReader):
-    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
-        rank = kwargs.get("rank")
-        path = self._get_metadata_path(rank)
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
-        if getattr(metadata, "storage_meta", None) is None:
-            from torch.distributed.checkpoint.metadata import StorageMeta
-
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-
-class SafeLoadPlanner(DefaultLoadPlanner):
-    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        raise UnsafeCheckpointError(
-            f"checkpoint holds a pickled object at {read_item.dest_index.fqn!r}; runner checkpoints keep "
-            "non-tensor state in JSON, so this file was not written by runner: refusing to unpickle it"
-        )
 
 
 # --------------------------------------------------------------------------- verification
@@ -256,6 +197,22 @@ def fetch(ref: CheckpointRef, folder: str) -> CheckpointRef:
 
 
 # --------------------------------------------------------------------------- save / load
+def clean_partial(folder: str) -> None:
+    """Remove ``*.tmp`` folders left in ``folder`` by a crash mid-save (rank 0 only, before loading)."""
+    if not os.path.isdir(folder):
+        return
+    for name in sorted(os.listdir(folder)):
+        committed = name.removesuffix(".old.tmp")
+        if name.endswith(".old.tmp") and not os.path.exists(os.path.join(folder, committed)):
+            # NOTE: a crash between the two renames of a same-step re-save (see _commit): the old
+            # checkpoint is the committed one; put it back rather than lose it.
+            log.warning("restoring checkpoint %s set aside by an interrupted re-save", committed)
+            os.replace(os.path.join(folder, name), os.path.join(folder, committed))
+        elif name.endswith(".tmp"):
+            log.warning("removing partial checkpoint %s left by an interrupted save", os.path.join(folder, name))
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
+
+
 def _versions() -> dict[str, str]:
     from runner import __version__
 
@@ -331,20 +288,7 @@ class Checkpointer:
         return os.path.join(self.folder, step_dir(step))
 
     def clean_partial(self) -> None:
-        """Remove ``*.tmp`` folders left by a crash mid-save (rank 0 only)."""
-        for name in self.local.list(CKPT_DIR):
-            committed = name.removesuffix(".old.tmp")
-            if name.endswith(".old.tmp") and not self.local.exists(f"{CKPT_DIR}/{committed}"):
-                # NOTE: a crash between the two renames of a same-step re-save (see _commit): the old
-                # checkpoint is the committed one; put it back rather than lose it.
-                log.warning("restoring checkpoint %s set aside by an interrupted re-save", committed)
-                os.replace(os.path.join(self.folder, name), os.path.join(self.folder, committed))
-            elif name.endswith(".tmp"):
-                log.warning(
-                    "removing partial checkpoint %s left by an interrupted save",
-                    os.path.join(self.folder, name),
-                )
-                shutil.rmtree(os.path.join(self.folder, name), ignore_errors=True)
+        clean_partial(self.folder)
 
     def write(self, state: Payload) -> str:
         """Write, verify sizes/checksums into the manifest, and commit by rename. Returns the folder.
@@ -480,7 +424,12 @@ def _one_line(error: BaseException) -> str:
 
 
 def load(ref: CheckpointRef, state: TrainState, scratch: str) -> None:
-    """Load ``ref`` into ``state`` in place (downloading it into ``scratch`` first if it is remote)."""
+    """Load ``ref`` into ``state`` in place (downloading it into ``scratch`` first if it is remote), checking
+    every file this rank reads against the manifest as it reads it (:class:`~runner.reading.OnePassReader`).
+
+    Raises :class:`CorruptCheckpoint` (on every rank) if a file fails its checksum: ``state`` is then partly
+    overwritten and must be loaded again from another checkpoint, or rebuilt (see :mod:`runner.resume`).
+    """
     if not isinstance(ref.storage, LocalStorage):
         ref = fetch(ref, scratch)
     local_dir = ref.url
@@ -492,22 +441,40 @@ def load(ref: CheckpointRef, state: TrainState, scratch: str) -> None:
             ref.manifest.get("world_size"),
             rank,
         )
-    with open(os.path.join(local_dir, name), "rb") as f:
-        meta = json.load(f)
+    reader = OnePassReader(local_dir, ref.manifest["files"])
     dest = state.load_destination()
-    check_tensor_layout(SafeReader(local_dir).read_metadata(), dest, ref.url)
+    error = None
+    try:
+        with open(os.path.join(local_dir, name), "rb") as f:
+            data = f.read()
+        reader.check_bytes(name, data)
+        meta = json.loads(data)
+        check_tensor_layout(reader.read_metadata(), dest, ref.url)
+    except CorruptCheckpoint as e:
+        error = str(e)
+    # NOTE: agreed before DCP's collectives, so a rank that found a bad file does not leave the others
+    # waiting in dcp.load; a bad file found inside dcp.load is raised on every rank by DCP itself.
+    error = distributed.first_error(error)
+    if error is not None:
+        raise CorruptCheckpoint(error)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         warnings.filterwarnings("ignore", message=".*process group.*")
         try:
-            dcp.load(dest, storage_reader=SafeReader(local_dir), planner=SafeLoadPlanner())
+            dcp.load(dest, storage_reader=reader, planner=SafeLoadPlanner())
         except CheckpointException as e:  # NOTE: a BaseException; turn it into one of ours
             causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            corrupt = next((c for c in causes if isinstance(c, CorruptCheckpoint)), None)
+            if corrupt is not None:
+                raise CorruptCheckpoint(str(corrupt)) from None
             if any(isinstance(c, pickle.UnpicklingError) for c in causes):
                 raise UnsafeCheckpointError(
                     f"{ref.url} holds tensor data that is not a plain tensor (refused by weights_only "
                     "loading): it was not written by runner; refusing to unpickle it"
                 ) from None
+            unsafe = next((c for c in causes if isinstance(c, UnsafeCheckpointError)), None)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(str(unsafe)) from None
             raise CheckpointError(f"loading {ref.url} failed: {_one_line(e)}") from None
     state.restore(dest, meta)
 

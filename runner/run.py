@@ -13,7 +13,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,8 +25,9 @@ from runner.data import TrainStream, eval_loader
 from runner.launch.requeue import Preemption
 from runner.metrics import Sink, make_sink
 from runner.naming import SECRET_KEY, remove_if_empty
+from runner.resume import find_resume, load_newest
 from runner.state import TrainState
-from runner.storage import LocalStorage, StoragePlugin, sync
+from runner.storage import sync
 from runner.train import Hooks, fit
 
 log = logging.getLogger("runner")
@@ -89,65 +89,6 @@ def _save_config(cfg: DictConfig, run_dir: str) -> None:
     atomic_write(os.path.join(folder, "overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create(safe)).encode())
 
 
-@dataclass
-class ResumePlan:
-    """Where a run may continue from, found before any work starts (see :func:`find_resume`)."""
-
-    #: The newest verified local checkpoint (or the one ``trainer.resume`` names, if local).
-    local: checkpoint.CheckpointRef | None = None
-    #: Newer remote checkpoints, newest first, checked by structure only: their bytes are verified once,
-    #: in the downloaded copy (:meth:`resolve`), instead of streamed once to hash and again to download.
-    remote: list[checkpoint.CheckpointRef] = field(default_factory=list)
-    #: False when ``auto`` could not list the run's remote.
-    checked: bool = True
-    #: ``trainer.resume`` named a checkpoint: if it does not verify, that is an error, not a skip.
-    explicit: bool = False
-
-    def resolve(self, folder: str) -> checkpoint.CheckpointRef | None:
-        """The checkpoint to load: the newest remote one whose downloaded copy verifies (into ``folder``),
-        else the local one. Collective when distributed (one download per node)."""
-        for ref in self.remote:
-            try:
-                return checkpoint.fetch(ref, folder)
-            except checkpoint.CorruptCheckpoint as e:
-                if self.explicit:
-                    message = f"trainer.resume={ref.url} is not a valid checkpoint: {e}"
-                    raise checkpoint.CheckpointError(message) from None
-                log.warning("skipping checkpoint %s: %s", ref.url, e)
-        return self.local
-
-
-def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, name: str) -> ResumePlan:
-    """The checkpoints to continue from, per ``trainer.resume`` (auto / none / a path or URL)."""
-    choice = trainer.resume.strip()
-    if choice == "none":
-        return ResumePlan()
-    if choice != "auto":
-        target = choice.rstrip("/")
-        if "://" not in target:
-            target = os.path.abspath(target)
-        parent, _, folder = target.rpartition("/")
-        storage = plugin.open_url(parent)
-        if isinstance(storage, LocalStorage):
-            return ResumePlan(local=checkpoint.ref_at(storage, folder), explicit=True)
-        return ResumePlan(remote=[checkpoint.ref_at(storage, folder, checksums=False)], explicit=True)
-    plan = ResumePlan(local=checkpoint.newest_valid(LocalStorage(run_dir)))
-    remote = plugin.remote(name)
-    if remote is not None:
-        try:
-            newer = plan.local.step if plan.local is not None else -1
-            plan.remote = list(checkpoint.valid_refs(remote, checksums=False, newer_than=newer))
-        except Exception as e:  # An unreachable remote must not stop a run that has a local copy.
-            plan.checked = False
-            log.warning(
-                "could not look for checkpoints at %s: %s. Training starts from what is local; nothing is "
-                "uploaded until the remote is reachable and holds no newer checkpoint of this run",
-                remote.url(),
-                e,
-            )
-    return plan
-
-
 def run(cfg: DictConfig) -> float:
     run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.path.join("outputs", cfg.name)
     env = distributed.detect()
@@ -177,24 +118,44 @@ def run(cfg: DictConfig) -> float:
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     distributed.init(env, device, trainer.dist_timeout_s)
-    ref, remote_checked = plan.resolve(os.path.join(run_dir, checkpoint.CKPT_DIR)), plan.checked
+    folder = os.path.join(run_dir, checkpoint.CKPT_DIR)
     if env.rank == 0:
-        if ref is None:
-            log.info("run %r: starting fresh in %s", name, run_dir)
-        else:
-            log.info(
-                "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
-                "or another name=...",
-                name,
-                ref.step,
-                ref.source,
-            )
+        checkpoint.clean_partial(folder)
+        if trainer.resume.strip() == "none":
+            _set_aside(run_dir)
+    try:
+        parts, state, ref = load_newest(plan, folder, lambda: _build_state(cfg, trainer, device))
+    except BaseException:
+        distributed.shutdown(together=False)
+        raise
+    world, rank = distributed.world_size(), distributed.rank()
+    global_batch = trainer.batch_size * world * trainer.grad_accum_steps
+    log.info(
+        "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; device %s",
+        cfg.model.get("_target_"),
+        sum(p.numel() for p in parts.model.parameters()) / 1e6,
+        global_batch,
+        trainer.batch_size,
+        world,
+        trainer.grad_accum_steps,
+        device,
+    )
+    if env.rank == 0 and ref is None:
+        log.info("run %r: starting fresh in %s", name, run_dir)
+    elif env.rank == 0 and ref is not None:
+        log.info(
+            "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
+            "or another name=...",
+            name,
+            ref.step,
+            ref.source,
+        )
     # Rank 0 mirrors the run directory; local retention waits for each checkpoint to be confirmed there.
     syncer = None
     if env.rank == 0:
         protect = {ref.step} if ref is not None else set()
         syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect, owner=config_hash(cfg))
-        if syncer is not None and not remote_checked:
+        if syncer is not None and not plan.checked:
             syncer.guard(resumed_step=ref.step if ref is not None else None)
     ckpt = checkpoint.Checkpointer(
         run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None
@@ -212,42 +173,6 @@ def run(cfg: DictConfig) -> float:
     sink = None
     forward: torch.nn.Module | None = None
     try:
-        torch.manual_seed(trainer.seed)
-        parts = build.build(cfg, device)
-        world = distributed.world_size()
-        rank = distributed.rank()
-        nparams = sum(p.numel() for p in parts.model.parameters())
-        global_batch = trainer.batch_size * world * trainer.grad_accum_steps
-        log.info(
-            "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; device %s",
-            cfg.model.get("_target_"),
-            nparams / 1e6,
-            global_batch,
-            trainer.batch_size,
-            world,
-            trainer.grad_accum_steps,
-            device,
-        )
-        # Different ranks draw different RNG streams (dropout etc.); model init above was identical.
-        torch.manual_seed(trainer.seed + rank)
-        stream = TrainStream(
-            parts.data.train,
-            trainer.batch_size,
-            trainer.seed,
-            rank,
-            world,
-            parts.data.num_workers,
-            pin=device.type == "cuda",
-        )
-        scaler = torch.amp.GradScaler(device.type) if trainer.precision == "amp_fp16" else None
-        state = TrainState(parts.model, parts.optimizer, stream, scaler)
-        if rank == 0:
-            ckpt.clean_partial()
-        if trainer.resume.strip() == "none" and rank == 0:
-            _set_aside(run_dir)
-        if ref is not None:
-            checkpoint.load(ref, state, scratch=ckpt.folder)
-            log.info("loaded checkpoint at step %d", state.step)
         if state.step >= trainer.max_steps:
             top1 = state.last_eval.get("top1", float("nan"))
             log.info(
@@ -330,6 +255,26 @@ def run(cfg: DictConfig) -> float:
             requeue.requeue()
         elif preemption is not None:
             preemption.restore()
+
+
+def _build_state(cfg: DictConfig, trainer: TrainerConfig, device: torch.device) -> tuple[build.Parts, TrainState]:
+    """The run's parts and a fresh training state, seeded: the same every time it is called."""
+    torch.manual_seed(trainer.seed)
+    parts = build.build(cfg, device)
+    rank, world = distributed.rank(), distributed.world_size()
+    # Different ranks draw different RNG streams (dropout etc.); model init above was identical.
+    torch.manual_seed(trainer.seed + rank)
+    stream = TrainStream(
+        parts.data.train,
+        trainer.batch_size,
+        trainer.seed,
+        rank,
+        world,
+        parts.data.num_workers,
+        pin=device.type == "cuda",
+    )
+    scaler = torch.amp.GradScaler(device.type) if trainer.precision == "amp_fp16" else None
+    return parts, TrainState(parts.model, parts.optimizer, stream, scaler)
 
 
 def _sync_metrics(syncer: sync.Syncer, state: TrainState, sink: Sink) -> Callable[[str], None]:
