@@ -1,7 +1,8 @@
 """One run, from a composed config to a trained, checkpointed model: ``run(cfg) -> objective``.
 
-Order matters: validate before anything touches disk; find the checkpoint to resume from and say so on
-the first lines; build; load; train; close resources on every path.
+Order matters: validate before anything touches disk; find the checkpoints it may resume from; build and
+load the newest intact one (:mod:`runner.resume`) and say so on the first lines; start the syncer; train;
+close resources on every path.
 """
 
 from __future__ import annotations
@@ -128,6 +129,16 @@ def run(cfg: DictConfig) -> float:
     except BaseException:
         distributed.shutdown(together=False)
         raise
+    if env.rank == 0 and ref is None:
+        log.info("run %r: starting fresh in %s", name, run_dir)
+    elif env.rank == 0 and ref is not None:
+        log.info(
+            "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
+            "or another name=...",
+            name,
+            ref.step,
+            ref.source,
+        )
     world, rank = distributed.world_size(), distributed.rank()
     global_batch = trainer.batch_size * world * trainer.grad_accum_steps
     log.info(
@@ -140,16 +151,6 @@ def run(cfg: DictConfig) -> float:
         trainer.grad_accum_steps,
         device,
     )
-    if env.rank == 0 and ref is None:
-        log.info("run %r: starting fresh in %s", name, run_dir)
-    elif env.rank == 0 and ref is not None:
-        log.info(
-            "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
-            "or another name=...",
-            name,
-            ref.step,
-            ref.source,
-        )
     # Rank 0 mirrors the run directory; local retention waits for each checkpoint to be confirmed there.
     syncer = None
     if env.rank == 0:
