@@ -5,14 +5,16 @@ Safe: DCP's ``.metadata`` is unpickled with an allow-list (:class:`SafeReader`),
 
 One pass (:class:`OnePassReader`): verifying a checkpoint and then loading it read every byte twice, and
 DCP's ``FileSystemReader`` is slow at the second read: it ``torch.load``\\ s each tensor record from a file
-view (a dozen small reads per record, one thread, the tensor copied twice). Here each data file is read front
-to back by its own thread, every byte goes through the manifest's hash in file order, and each tensor's bytes
+view (a dozen small reads per record, the tensor copied twice). Here each data file is read front
+to back once (see READ_THREADS), every byte goes through the manifest's hash in file order, and each tensor's bytes
 are read straight into the destination tensor (or, when they cannot be, into one staging buffer and copied
-once). A record is a ``torch.save`` zip: its central directory (at its end) is read first to find where the
-tensor's bytes are; its pickle only describes the tensor (dtype, shape, strides) and is read by torch's
-``weights_only`` unpickler with a storage on the meta device, so nothing is materialised twice. Records of any
-other form (compressed, several storages, DCP transforms, big-endian) are read whole and ``torch.load``\\ ed
-with ``weights_only=True``, as DCP does.
+once). A record is a ``torch.save`` zip; where its tensor's bytes start is found in its first bytes (its
+``data.pkl``, which only describes the tensor, then a few small members and the storage's local header), so
+files are read strictly in order, and the guess is confirmed by the zip data descriptor that follows the
+bytes (else by the zip directory). The pickle is read by a C unpickler that resolves nothing but two
+describing classes: the tensor is described, never built. Records of any other form (compressed, several
+storages, DCP transforms, big-endian) are read whole and ``torch.load``\\ ed with ``weights_only=True``, as
+DCP does.
 
 NOTE: the checksum of a file is known only once all of it has been read, so a corrupt file is found after some
 of its tensors were copied into the destination. :class:`CorruptCheckpoint` therefore means "the destination
@@ -123,8 +125,8 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 # --------------------------------------------------------------------------- one pass
 class _InOrder:
-    """One file, read through one hash in file order. Bytes may be *peeked* ahead of the hash (a record's
-    zip directory, to find its tensor); every byte is hashed exactly once, when the pass reaches it."""
+    """One file, read through one hash in file order. Bytes may be *peeked* before the hash reaches them (a
+    record's first bytes, to find its tensor); every byte is hashed exactly once, when the pass reaches it."""
 
     def __init__(self, fd: int, algorithm: str) -> None:
         self.fd = fd

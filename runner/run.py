@@ -139,6 +139,8 @@ def run(cfg: DictConfig) -> float:
             ref.step,
             ref.source,
         )
+    if ref is not None:  # NOTE: every rank, in its own log file: each says what it loaded
+        log.info("loaded checkpoint at step %d", state.step)
     world, rank = distributed.world_size(), distributed.rank()
     global_batch = trainer.batch_size * world * trainer.grad_accum_steps
     log.info(
