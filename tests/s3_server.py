@@ -94,6 +94,14 @@ class S3Server:
             self._server.stop()
             self._server = None
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the server process has used so far; ``as_process`` servers on Linux only."""
+        if self._proc is None:
+            raise RuntimeError("cpu_seconds needs a server started with as_process=True")
+        with open(f"/proc/{self._proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def client(self) -> Any:
         import boto3
 
