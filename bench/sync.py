@@ -13,6 +13,10 @@ After every measurement the remote is checked against the local directory (prese
 content of the changed files): ``stale`` counts files the tool left wrong. Size-only tools miss
 same-size rewrites; a fast wrong answer is not a win.
 
+The profile behind the ratios is measured too: moto's own CPU time during each pass. A pass that lasts about
+as long as the server was busy is bound by the server, and awscli's time over moto's CPU time for our pass is
+the best ratio any client could reach against this server (printed as the "server-bound ceiling").
+
 Our syncer is measured as it runs in training: one long-lived object whose upload history survives
 between passes. awscli is a new process per sync, as open_clip runs it; its start-up is part of its
 cost. Medians over ``--repeats`` rounds, tools alternated inside each round (shared/notes/bench.md:
