@@ -52,8 +52,6 @@ CHUNK = 4 << 20
 SMALL_RECORD = 1 << 20
 #: Bytes of a record searched for where its tensor's bytes start (a few hundred in practice).
 HEAD = 16 << 10
-#: Bytes of a small record's end handed to zipfile as its directory (a few hundred in practice).
-TAIL = 64 << 10
 
 
 class CheckpointError(RuntimeError):
@@ -240,17 +238,23 @@ class _RecordFile(io.RawIOBase):
         return len(data)
 
 
+def _local_header(buf: bytes, at: int = 0) -> tuple[bytes, int]:
+    """(member name, as far as ``buf`` holds it; offset of the member's bytes) for the zip local file header
+    at ``at`` in ``buf``."""
+    if buf[at : at + 4] != b"PK\x03\x04" or len(buf) < at + 30:
+        raise ValueError(f"no zip local header at {at}")
+    name_len = int.from_bytes(buf[at + 26 : at + 28], "little")
+    extra_len = int.from_bytes(buf[at + 28 : at + 30], "little")
+    return buf[at + 30 : at + 30 + name_len], at + 30 + name_len + extra_len
+
+
 def _member(record: _RecordFile, info: zipfile.ZipInfo) -> tuple[int, int]:
     """(offset of ``info``'s bytes in the record, their length); stored members only."""
     if info.compress_type != zipfile.ZIP_STORED:
         raise ValueError(f"{info.filename} is compressed")
     record.seek(info.header_offset)
-    header = record.read(30)
-    if len(header) != 30 or header[:4] != b"PK\x03\x04":
-        raise ValueError(f"bad local header for {info.filename}")
-    name_len = int.from_bytes(header[26:28], "little")
-    extra_len = int.from_bytes(header[28:30], "little")
-    return info.header_offset + 30 + name_len + extra_len, info.file_size
+    _, data_start = _local_header(record.read(30))
+    return info.header_offset + data_start, info.file_size
 
 
 @dataclass(frozen=True)
@@ -364,21 +368,16 @@ def _try(parse: Callable[[], _Layout]) -> _Layout | None:
 def _guess(head: bytes) -> _Layout:
     """The layout of a ``torch.save`` record from its first bytes: its ``data.pkl`` comes first (torch writes
     it first) and the storage's local header follows a few small members. Checked later by :func:`_layout`."""
-    if head[:4] != b"PK\x03\x04":
-        raise ValueError("not a zip record")
-    name_len = int.from_bytes(head[26:28], "little")
-    extra_len = int.from_bytes(head[28:30], "little")
-    name = head[30 : 30 + name_len]
+    name, start = _local_header(head)
     if not name.endswith(b"/data.pkl"):
         raise ValueError("data.pkl is not the first member")
-    start = 30 + name_len + extra_len
     spec, pickle_len = _describe(head[start:])
     member = name[: -len("data.pkl")] + b"data/" + spec.storage.key.encode()
     at = head.find(b"PK\x03\x04", start + pickle_len)
     while at >= 0:
-        size = int.from_bytes(head[at + 26 : at + 28], "little")
-        if size == len(member) and head[at + 30 : at + 30 + size] == member:
-            return _layout_of(spec, at + 30 + size + int.from_bytes(head[at + 28 : at + 30], "little"))
+        found, data_start = _local_header(head, at)
+        if found == member:
+            return _layout_of(spec, data_start)
         at = head.find(b"PK\x03\x04", at + 4)
     raise ValueError("storage header not in the record's first bytes")
 
@@ -408,6 +407,7 @@ class OnePassReader(SafeReader):
         super().__init__(path)
         self.files = files
         self.threads = threads
+        self._metadata: dict[Any, Any] = {}
 
     def expected(self, name: str) -> tuple[int, str]:
         """(size, checksum) the manifest gives ``name``; a file it does not list is not the checkpoint's."""
@@ -415,6 +415,13 @@ class OnePassReader(SafeReader):
         if info is None:
             raise CorruptCheckpoint(f"{name} is read by the checkpoint but not listed in its manifest")
         return int(info["size"]), str(info["checksum"])
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+        """Read, checked and unpickled once: :func:`runner.checkpoint.load` looks at it before DCP does."""
+        rank = kwargs.get("rank")
+        if rank not in self._metadata:
+            self._metadata[rank] = super().read_metadata(*args, **kwargs)
+        return self._metadata[rank]
 
     def _check_metadata(self, name: str, data: bytes) -> None:
         self.check_bytes(name, data)
@@ -466,27 +473,29 @@ class OnePassReader(SafeReader):
             if actual != size:
                 raise CorruptCheckpoint(f"{name} has {actual} bytes, manifest says {size}")
             stream = _InOrder(fd, checksum.algorithm_of(expected))
+            failure: Exception | None = None
             try:
                 for (offset, length), items in sorted(records.items()):
                     if offset < stream.pos or offset + length > size:
                         raise ValueError(f"record at {offset} (+{length}) overlaps another or the file's end")
                     stream.skip_to(offset)
                     self._read_record(stream, offset, length, items, targets, planner)
-                stream.skip_to(size)
             except Exception as error:
-                # Whatever went wrong (a zip that does not parse, a shape that does not fit), a file that
-                # fails its checksum is reported as that: it is the cause, the rest is its consequence.
-                try:
-                    stream.skip_to(size)
-                except EOFError:
-                    raise CorruptCheckpoint(f"{name} is shorter than its manifest says") from None
-                except OSError:
-                    raise error from None
-                if stream.checksum != expected:
-                    raise CorruptCheckpoint(f"{name} fails its checksum") from None
-                raise
+                failure = error
+            # Whatever went wrong (a zip that does not parse, a shape that does not fit), a file that fails
+            # its checksum is reported as that: it is the cause, the rest is its consequence.
+            try:
+                stream.skip_to(size)
+            except EOFError:
+                raise CorruptCheckpoint(f"{name} is shorter than its manifest says") from None
+            except OSError:
+                if failure is None:
+                    raise
+                raise failure from None
             if stream.checksum != expected:
-                raise CorruptCheckpoint(f"{name} fails its checksum")
+                raise CorruptCheckpoint(f"{name} fails its checksum") from None
+            if failure is not None:
+                raise failure
         finally:
             os.close(fd)
 
@@ -510,9 +519,8 @@ class OnePassReader(SafeReader):
                 guess = _try(lambda: _guess(bytes(whole[:HEAD])))
                 if guess is not None and _ends_at_descriptor(guess, whole[guess.data_start + guess.nbytes :]):
                     layout = guess
-                else:
-                    peek = lambda at, n: bytes(whole[at - offset : at - offset + n])  # noqa: E731
-                    layout = _try(lambda: _layout(_RecordFile(peek, offset, length, bytes(whole[-TAIL:]))))
+                else:  # the record is all in memory: zipfile reads it from there
+                    layout = _try(lambda: _layout(_RecordFile(stream.peek, offset, length, bytes(whole))))
             if layout is None:
                 self._read_record_generic(bytes(whole), items, targets, planner)
             else:
