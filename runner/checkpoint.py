@@ -163,6 +163,11 @@ def newest_valid(storage: Storage) -> CheckpointRef | None:
 
 def ref_at(storage: Storage, path: str, checksums: bool = True) -> CheckpointRef:
     """An explicitly named checkpoint (``trainer.resume=<path>``): invalid is an error, not a skip."""
+    if not storage.exists(path):
+        raise CheckpointError(
+            f"trainer.resume={storage.url(path)}: no such checkpoint (nothing at that path); name a step_<N> "
+            "folder of a run's checkpoints, or use trainer.resume=auto"
+        )
     manifest, reason = verify(storage, path, checksums)
     if manifest is None:
         raise CheckpointError(f"trainer.resume={storage.url(path)} is not a valid checkpoint: {reason}")
@@ -433,13 +438,17 @@ def load(ref: CheckpointRef, state: TrainState, scratch: str) -> None:
     if not isinstance(ref.storage, LocalStorage):
         ref = fetch(ref, scratch)
     local_dir = ref.url
-    rank = distributed.rank()
+    rank, world = distributed.rank(), distributed.world_size()
     name = rank_file(rank) if rank_file(rank) in ref.manifest["files"] else rank_file(0)
-    if name != rank_file(rank):
+    saved_world = int(ref.manifest.get("world_size", 1))
+    if saved_world != world and rank == 0:
         log.warning(
-            "checkpoint was saved with world size %s: rank %d takes rank 0's data position",
-            ref.manifest.get("world_size"),
-            rank,
+            "checkpoint %s was saved by %d ranks and loads into %d: weights and optimizer state are exact, the "
+            "data position is rank 0's for every rank (this epoch's sample order differs from an uninterrupted "
+            "run)",
+            ref.source,
+            saved_world,
+            world,
         )
     reader = OnePassReader(local_dir, ref.manifest["files"])
     dest = state.load_destination()

@@ -9,6 +9,15 @@ import re
 from runner.config import ConfigError
 
 
+class MemberFailed(RuntimeError):
+    """A sweep member failed; the message names the member, the reason (one line) and its log. Reported as
+    one line with exit code 1 (2 if the reason is a configuration error: see :class:`MemberConfigError`)."""
+
+
+class MemberConfigError(ConfigError):
+    """A sweep member was rejected for its configuration (a launcher that validates only in the member)."""
+
+
 class RunStopped(RuntimeError):
     """The run stopped on purpose for a reason the user must act on (e.g. a non-finite loss with
     ``trainer.on_nonfinite=stop``). Reported as one line with exit code 1, state already saved."""
@@ -93,6 +102,9 @@ def config_error_message(error: BaseException) -> str | None:
             if missing and options:
                 group, _, option = missing.group(1).rpartition("/")
                 choices = ", ".join(options.group(2).split())
+                extra = _PLUGIN_EXTRAS.get(f"{group}={option}")
+                if extra is not None:
+                    return f"{group}={option}: not installed; {extra}"
                 return f"{group}={option}: no such option; choose one of: {choices}"
             return " ".join(line.strip() for line in text.splitlines() if line.strip())
         if isinstance(e, OverrideParseException):
@@ -104,6 +116,13 @@ def config_error_message(error: BaseException) -> str | None:
     return None
 
 
+#: Options that come from a Hydra plugin runner installs only with an extra.
+_PLUGIN_EXTRAS = {
+    "hydra/sweeper=optuna": "install runner's sweep extra (pip install 'runner[sweep]', which adds "
+    "hydra-optuna-sweeper) to use hparams_search=optuna",
+}
+
+
 def _raised_by_hydra_internals(error: BaseException) -> bool:
     tb = error.__traceback__
     last = None
@@ -113,6 +132,13 @@ def _raised_by_hydra_internals(error: BaseException) -> bool:
     return last is not None and f"{os.sep}hydra{os.sep}_internal{os.sep}" in last
 
 
+def one_line(error: BaseException) -> str:
+    """What a failed run says in one line: the config or run error message, else ``Type: first line``."""
+    return (
+        config_error_message(error) or run_error_message(error) or f"{type(error).__name__}: {_first_line(str(error))}"
+    )
+
+
 def run_error_message(error: BaseException) -> str | None:
     """A one-line message for a run that failed in a way the user can act on (exit code 1), else None.
 
@@ -120,9 +146,10 @@ def run_error_message(error: BaseException) -> str | None:
     a deliberate stop are not bugs: a traceback would bury the one line that says what to do.
     """
     from runner.checkpoint import CheckpointError
+    from runner.history import HistoryError
 
     for e in _causes(error):
-        if isinstance(e, RunStopped | CheckpointError):
+        if isinstance(e, RunStopped | CheckpointError | HistoryError | MemberFailed):
             return str(e)
         if _lost_peer(e):
             return (

@@ -61,8 +61,10 @@ class TensorBoardSink:
     background thread at start-up; scalars logged before the import is done are kept in memory and
     written at the first log call after it (or at close), so the loop never waits for the import."""
 
-    def __init__(self, logdir: str) -> None:
+    def __init__(self, logdir: str, purge_step: int | None = None) -> None:
         self.logdir = logdir
+        #: Events of this step and later in earlier event files are hidden (a resumed run replays them).
+        self.purge_step = purge_step
         self._writer: Any = None
         self._early: list[tuple[str, float, int]] = []
         self._ready = threading.Thread(target=self._import, name="tb-import", daemon=True)
@@ -76,7 +78,7 @@ class TensorBoardSink:
             self._ready.join()
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(self.logdir, flush_secs=30)
+            self._writer = SummaryWriter(self.logdir, flush_secs=30, purge_step=self.purge_step)
             for tag, value, step in self._early:
                 self._writer.add_scalar(tag, value, step)
             self._early.clear()
@@ -118,13 +120,15 @@ class FanOut:
             s.close()
 
 
-def make_sink(run_dir: str, rank: int, tensorboard: bool = True) -> Sink:
+def make_sink(run_dir: str, rank: int, tensorboard: bool = True, purge_step: int | None = None) -> Sink:
+    """Rank 0's metrics.jsonl and TensorBoard; ``purge_step``: the first step this process logs (a resumed
+    run's history past its checkpoint was dropped, see :mod:`runner.history`)."""
     if rank != 0:
         return NullSink()
     os.makedirs(run_dir, exist_ok=True)
     sinks: list[Sink] = [JsonlSink(os.path.join(run_dir, "metrics.jsonl"))]
     if tensorboard:
-        sinks.append(TensorBoardSink(os.path.join(run_dir, "tb")))
+        sinks.append(TensorBoardSink(os.path.join(run_dir, "tb"), purge_step))
     return FanOut(*sinks)
 
 

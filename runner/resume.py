@@ -41,14 +41,9 @@ class ResumePlan:
     #: ``trainer.resume`` named a checkpoint: if it does not verify, that is an error, not a skip.
     explicit: bool = False
 
-    def candidates(self, folder: str) -> Iterator[checkpoint.CheckpointRef]:
-        """Local checkpoints to try, newest first: remote ones downloaded (and verified) into ``folder``
-        first. Collective when distributed (one download per node)."""
-        for ref in self.remote:
-            try:
-                yield checkpoint.fetch(ref, folder)
-            except checkpoint.CorruptCheckpoint as e:
-                self.skip(ref, e)
+    def candidates(self) -> Iterator[checkpoint.CheckpointRef]:
+        """Checkpoints to try, newest first: the remote ones (newer than any local one), then the local ones."""
+        yield from self.remote
         yield from self.local
 
     def skip(self, ref: checkpoint.CheckpointRef, error: checkpoint.CorruptCheckpoint) -> None:
@@ -95,18 +90,25 @@ def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, nam
 
 
 def load_newest(
-    plan: ResumePlan, folder: str, build: Callable[[], tuple[_P, TrainState]]
+    plan: ResumePlan,
+    folder: str,
+    build: Callable[[], tuple[_P, TrainState]],
+    announce: Callable[[checkpoint.CheckpointRef], None] = lambda ref: None,
 ) -> tuple[_P, TrainState, checkpoint.CheckpointRef | None]:
     """Build the run's parts and state, and load the newest candidate of ``plan`` that is intact into it.
 
-    Returns the parts, the state and the checkpoint loaded (None: starting fresh). ``build`` is called again
-    after a candidate fails its checksums mid-load: that load overwrote part of the state.
+    Returns the parts, the state and the checkpoint loaded (None: starting fresh). ``announce(ref)`` is called
+    before each candidate is downloaded (a remote one, into ``folder``; collective: one download per node) and
+    loaded, so the first thing a resumed run says is where it resumes from. ``build`` is called again after a
+    candidate fails its checksums: a load may have overwritten part of the state.
     """
     parts, state = build()
-    for ref in plan.candidates(folder):
+    for ref in plan.candidates():
+        announce(ref)
         try:
-            checkpoint.load(ref, state, scratch=folder)
-            return parts, state, ref
+            local = ref if isinstance(ref.storage, LocalStorage) else checkpoint.fetch(ref, folder)
+            checkpoint.load(local, state, scratch=folder)
+            return parts, state, local
         except checkpoint.CorruptCheckpoint as e:
             plan.skip(ref, e)
             parts, state = build()

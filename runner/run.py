@@ -20,7 +20,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from runner import build, checkpoint, distributed
+from runner import build, checkpoint, distributed, history
 from runner.config import ConfigError, TrainerConfig, validate
 from runner.data import TrainStream, eval_loader
 from runner.launch.requeue import Preemption
@@ -98,6 +98,7 @@ def run(cfg: DictConfig) -> float:
         trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
         device = pick_device(trainer.device, env.local_rank)
         check_precision(trainer.precision, device)
+        build.check_targets(cfg)
     except Exception:
         remove_if_empty(run_dir, os.getcwd())
         raise
@@ -110,6 +111,15 @@ def run(cfg: DictConfig) -> float:
 
     plan = find_resume(trainer, run_dir, plugin, name)
     os.makedirs(run_dir, exist_ok=True)
+    remote = plugin.remote(name) if plan.checked and trainer.resume.strip() != "none" else None
+    if remote is not None:
+        # NOTE: before this rank opens its log file, and before rank 0 opens metrics.jsonl and TensorBoard: a
+        # resumed process appends to the history it fetched, so the first sync cannot overwrite it.
+        try:
+            history.fetch(remote, run_dir, env.rank, replace=bool(plan.remote))
+        except history.HistoryError:
+            remove_if_empty(run_dir, os.getcwd())
+            raise
     # NOTE: before the download and the resume message, so a requeued job's own log file says where it
     # continued from.
     _add_log_file(run_dir, env.rank)
@@ -124,33 +134,39 @@ def run(cfg: DictConfig) -> float:
         checkpoint.clean_partial(folder)
         if trainer.resume.strip() == "none":
             _set_aside(run_dir)
+
+    def announce(ref: checkpoint.CheckpointRef) -> None:
+        if env.rank == 0:
+            log.info(
+                "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
+                "or another name=...",
+                name,
+                ref.step,
+                ref.source,
+            )
+
     try:
-        parts, state, ref = load_newest(plan, folder, lambda: _build_state(cfg, trainer, device))
+        parts, state, ref = load_newest(plan, folder, lambda: _build_state(cfg, trainer, device), announce)
     except BaseException:
         distributed.shutdown(together=False)
         raise
     if env.rank == 0 and ref is None:
         log.info("run %r: starting fresh in %s", name, run_dir)
-    elif env.rank == 0 and ref is not None:
-        log.info(
-            "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
-            "or another name=...",
-            name,
-            ref.step,
-            ref.source,
-        )
     if ref is not None:  # NOTE: every rank, in its own log file: each says what it loaded
         log.info("loaded checkpoint at step %d", state.step)
     world, rank = distributed.world_size(), distributed.rank()
     global_batch = trainer.batch_size * world * trainer.grad_accum_steps
+    eval_batch = trainer.eval_batch_size or 2 * trainer.batch_size
     log.info(
-        "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; device %s",
+        "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; "
+        "eval batch %d per rank; device %s",
         cfg.model.get("_target_"),
         sum(p.numel() for p in parts.model.parameters()) / 1e6,
         global_batch,
         trainer.batch_size,
         world,
         trainer.grad_accum_steps,
+        eval_batch,
         device,
     )
     # Rank 0 mirrors the run directory; local retention waits for each checkpoint to be confirmed there.
@@ -179,15 +195,18 @@ def run(cfg: DictConfig) -> float:
         if state.step >= trainer.max_steps:
             top1 = state.last_eval.get("top1", float("nan"))
             log.info(
-                "run %r is already complete at step %d (eval top-1 %.4f); nothing to do",
+                "run %r is already complete at step %d (eval top-1 %.2f%%); nothing to do",
                 name,
                 state.step,
-                top1,
+                100 * top1,
             )
             clean = True
             return float(top1)
 
-        sink = make_sink(run_dir, rank)
+        if rank == 0:
+            history.rewind(run_dir, state.step)
+        # NOTE: TensorBoard hides events of replayed steps from earlier event files (its purge_step).
+        sink = make_sink(run_dir, rank, purge_step=state.step + 1)
         forward = parts.model
         if trainer.compile:
             forward = torch.compile(forward)  # type: ignore[assignment]
@@ -195,7 +214,7 @@ def run(cfg: DictConfig) -> float:
             forward = torch.nn.parallel.DistributedDataParallel(
                 forward, device_ids=[device.index] if device.type == "cuda" else None
             )
-        evals = eval_loader(parts.data.eval, trainer.batch_size, rank, world, parts.data.num_workers)
+        evals = eval_loader(parts.data.eval, eval_batch, rank, world, parts.data.num_workers)
         hooks = Hooks(
             save=ckpt.save,
             check=ckpt.check,
@@ -312,7 +331,7 @@ def _close_checkpointer(ckpt: checkpoint.Checkpointer) -> None:
 def _set_aside(run_dir: str) -> None:
     """``trainer.resume=none`` in a used run directory: keep the old checkpoints and metrics, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (checkpoint.CKPT_DIR, "metrics.jsonl"):
+    for name in (checkpoint.CKPT_DIR, history.METRICS, "tb"):
         old = os.path.join(run_dir, name)
         if os.path.exists(old):
             new = f"{old}.replaced-{stamp}"

@@ -94,6 +94,7 @@ def test_torchrun_two_ranks_matches_one_process_with_the_same_global_batch(tmp_p
         timeout=180,
     )
     assert "resuming from step 3" in resumed.stdout
+    assert "was saved by 2 ranks and loads into 1: weights and optimizer state are exact" in resumed.stdout
     assert (tmp_path / "outputs" / "from_ddp" / "checkpoints" / "step_4" / "manifest.json").exists()
 
 

@@ -296,3 +296,22 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     with pytest.raises(checkpoint.CorruptCheckpoint, match=data):
         checkpoint.fetch(refs[1], str(tmp_path / "run" / "checkpoints"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_4"]
+
+
+@pytest.mark.parametrize(("saved", "now"), [(1, 2), (2, 1)])
+def test_loading_at_another_world_size_warns_once_about_the_data_position(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, saved: int, now: int
+) -> None:
+    state = make_state()
+    train_steps(state, 2)
+    folder = Checkpointer(str(tmp_path), keep_latest_k=2, config_hash="x").save(state)
+    manifest = json.loads((Path(folder) / MANIFEST).read_text())
+    manifest["world_size"] = saved  # as if written by `saved` ranks (rank 0's files are what load reads)
+    (Path(folder) / MANIFEST).write_text(json.dumps(manifest))
+    monkeypatch.setattr(checkpoint.distributed, "world_size", lambda: now)
+    ref = newest_valid(LocalStorage(str(tmp_path)))
+    assert ref is not None
+    with caplog.at_level(logging.WARNING):
+        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+    said = [r.getMessage() for r in caplog.records if "data position" in r.getMessage()]
+    assert len(said) == 1 and f"saved by {saved} ranks and loads into {now}" in said[0], said

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import yaml
 from runner.checkpoint import read_tensors
 from runner.metrics import read_metrics
 from tests.conftest import REPO, TINY, cli_env, run_cli
+from tests.gated_data import ENV as GATES
 from tests.s3_server import S3Server, committed_steps, local_tree, remote_tree
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
@@ -171,6 +173,59 @@ def test_resume_from_remote_after_losing_the_machine_is_bitwise_identical(
     run_cli([*TINY, "sched=const", "trainer.max_steps=12", f"hydra.run.dir={straight}"], REPO)
     assert_bitwise_equal(final_weights(run_dir, 12), final_weights(straight, 12))
     assert first.returncode == 0
+
+
+def _train_steps(metrics: bytes) -> list[int]:
+    """The steps of the train records of a metrics.jsonl, in file order (duplicates kept)."""
+    return [r["step"] for r in map(json.loads, metrics.decode().splitlines()) if r.get("split") == "train"]
+
+
+def test_a_resume_on_a_new_machine_keeps_every_metrics_record_once(
+    tmp_path: Path, s3_server: S3Server, bucket: str
+) -> None:
+    """Issue 11, acceptance 1: the history of a run survives losing the machine, twice, with a replay between.
+
+    100 steps; then 140 steps killed at step 115 (its records of 101-115 are past its last checkpoint, and the
+    remote holds them); then, on a new machine, the same command: it resumes from the remote's checkpoint.
+    Local and remote metrics.jsonl must each hold steps 10-140 exactly once.
+    """
+    run_dir, batch = tmp_path / "run", 8
+    stop = tmp_path / "never-opened"
+    args = [*TINY, *s3_args(s3_server, bucket), "data._target_=tests.gated_data.gated_splits"]
+    args += ["trainer.log_every=10", "trainer.ckpt_every=20", "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"]
+    run_cli([*args, "trainer.max_steps=100"], REPO)
+    name = run_name(run_dir)
+    remote_metrics = f"runs/{name}/metrics.jsonl"
+    assert _train_steps(s3_server.read(bucket, remote_metrics)) == list(range(10, 101, 10))
+
+    shutil.rmtree(run_dir)  # a new machine: the run resumes from the remote's step 100, and pauses at 115
+    proc = popen_cli([*args, "trainer.max_steps=140"], REPO, tmp_path / "killed.log", {GATES: f"{15 * batch}:{stop}"})
+    try:
+        deadline = time.monotonic() + 120
+        while not (
+            Path(f"{stop}.reached").exists()
+            and 120 not in remote_steps(s3_server, bucket)
+            and 110 in _train_steps(s3_server.read(bucket, remote_metrics))
+        ):
+            assert proc.poll() is None, (tmp_path / "killed.log").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "killed.log").read_text()
+            time.sleep(0.1)
+        proc.kill()  # at step 115: its checkpoint is 100, its records go to 110 (remote and local)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert max(remote_steps(s3_server, bucket)) == 100
+
+    shutil.rmtree(run_dir)  # and the machine is lost again
+    resumed = run_cli([*args, "trainer.max_steps=140"], REPO)
+    want = list(range(10, 141, 10))
+    assert _train_steps((run_dir / "metrics.jsonl").read_bytes()) == want
+    assert _train_steps(s3_server.read(bucket, remote_metrics)) == want
+    evals = [r["step"] for r in read_metrics(str(run_dir / "metrics.jsonl")) if r["split"] == "eval"]
+    assert evals == [100, 140]
+    # The first line a resumed run prints says where it resumes from (before the download, which follows).
+    said = resumed.stdout.splitlines()
+    assert said and f"resuming from step 100 (checkpoint s3://{bucket}/runs/{name}/checkpoints/step_100)" in said[0]
 
 
 def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
