@@ -51,16 +51,26 @@ limit_yaml_aliases()
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="config")
 def main(cfg: DictConfig) -> float:
-    _validate_before_torch(cfg)
-    if cfg.trainer.max_steps == 0:
-        return _dry_run(cfg)
-    from runner.run import run
-
+    """The task function, of one run or of each sweep member. A run's error becomes one line and an exit code
+    here (Hydra would print its own report first); a member's is raised, for its launcher to report."""
     try:
+        _validate_before_torch(cfg)
+        if cfg.trainer.max_steps == 0:
+            return _dry_run(cfg)
+        from runner.run import run
+
         return run(cfg)
     except Exception as e:
-        _exit_if_config_error(e)
+        if not _is_sweep_member():
+            _exit_if_config_error(e)
         raise
+
+
+def _is_sweep_member() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def _validate_before_torch(cfg: DictConfig) -> None:
@@ -76,11 +86,9 @@ def _validate_before_torch(cfg: DictConfig) -> None:
     try:
         validate(cfg)
     except Exception as e:
-        if config_error_message(e) is None:
-            raise
-        if HydraConfig.initialized():
+        if config_error_message(e) is not None and HydraConfig.initialized():
             remove_if_empty(HydraConfig.get().runtime.output_dir, os.getcwd())
-        _exit_if_config_error(e)
+        raise
 
 
 def _dry_run(cfg: DictConfig) -> float:
@@ -112,6 +120,11 @@ def cli() -> None:
     # NOTE: Hydra then re-raises errors instead of printing them and exiting 1; we report config
     # errors as one line with exit code 2, and let anything else surface with its traceback.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    if "--help" in sys.argv[1:] or "-h" in sys.argv[1:]:
+        from runner.help import render
+
+        print(render(CONFIG_DIR, [a for a in sys.argv[1:] if not a.startswith("-")]), end="")
+        return
     try:
         main()
     except Exception as e:

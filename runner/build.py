@@ -15,6 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
+from runner.config import TARGET_SECTIONS, ConfigError
 from runner.data import Splits
 from runner.optim import Schedule, param_groups
 from runner.storage import StoragePlugin
@@ -27,6 +28,27 @@ class Parts:
     schedule: Schedule
     data: Splits
     storage: StoragePlugin
+
+
+def check_targets(cfg: DictConfig) -> None:
+    """Import every ``_target_`` before the run writes anything: a module or name that does not import is
+    one line naming the key and the missing piece (:class:`ConfigError`), not a traceback from inside
+    ``instantiate`` after the run directory was made."""
+    from hydra._internal.utils import _locate
+
+    for section in TARGET_SECTIONS:
+        target = cfg[section].get("_target_")
+        if not isinstance(target, str):
+            continue
+        try:
+            _locate(target)
+        except ImportError as e:
+            cause = e.__cause__ or e.__context__
+            detail = f"{type(cause).__name__}: {cause}" if cause is not None else str(e).splitlines()[0]
+            raise ConfigError(
+                f"{section}._target_={target}: cannot import it ({detail}); install what it needs or point "
+                f"{section}._target_ at an importable class"
+            ) from None
 
 
 def build_storage(cfg: DictConfig) -> StoragePlugin:

@@ -249,6 +249,8 @@ class TrainerConfig:
     eval_every: int = 100
     # Batches per evaluation (0 = the whole eval split).
     eval_batches: int = 0
+    # Per-rank evaluation batch size; null = 2 x batch_size (evaluation keeps no activations for backward).
+    eval_batch_size: int | None = None
     # Save a checkpoint every N steps (and always at the end).
     ckpt_every: int = 100
     keep_latest_k: int = 2
@@ -287,6 +289,11 @@ class TrainerConfig:
             f"unknown value {self.ckpt_in_flight!r}; choose one of wait, skip",
         )
         _require(self.eval_batches >= 0, "trainer.eval_batches", f"must be >= 0, got {self.eval_batches}")
+        _require(
+            self.eval_batch_size is None or self.eval_batch_size >= 1,
+            "trainer.eval_batch_size",
+            f"must be >= 1 (or null = 2 x trainer.batch_size), got {self.eval_batch_size}",
+        )
         _require(
             self.precision in PRECISIONS,
             "trainer.precision",
@@ -374,12 +381,61 @@ def check_known_keys(node: Any, path: str = "") -> None:
             check_known_keys(child, f"{path}{key}.")
 
 
+def validate_member(cfg: DictConfig) -> None:
+    """:func:`validate` for a sweep member's config composed in the sweeping process (before any launch).
+
+    ``${hydra:...}`` interpolations (the run name among them) resolve against the member's own ``hydra`` node,
+    which is otherwise left out: Hydra completes it when the member runs.
+    """
+    from hydra.core.hydra_config import HydraConfig
+
+    holder = HydraConfig.instance()
+    previous = holder.cfg
+    holder.set_config(cfg)
+    try:
+        validate(OmegaConf.masked_copy(cfg, [str(k) for k in cfg if k != "hydra"]))
+    finally:
+        holder.cfg = previous
+
+
+TARGET_SECTIONS = ("model", "opt", "sched", "data", "storage")
+
+
+def check_target_packages(cfg: DictConfig) -> None:
+    """Every ``_target_`` names a package that is installed, checked without importing it (validation runs
+    before torch is imported): a missing package is one line naming the key, not a traceback from deep
+    inside ``instantiate``. :func:`runner.build.check_targets` imports them once the run starts."""
+    import importlib.util
+
+    for section in TARGET_SECTIONS:
+        target = cfg[section].get("_target_") if isinstance(cfg.get(section), DictConfig) else None
+        if not isinstance(target, str):
+            continue
+        top = target.split(".", 1)[0]
+        _require(
+            bool(top) and "." in target and importlib.util.find_spec(top) is not None,
+            f"{section}._target_",
+            f"{target!r} cannot be imported: no module named {top!r}; install the package that provides it "
+            f"or point {section}._target_ at an importable class (e.g. {_EXAMPLE_TARGETS[section]})",
+        )
+
+
+_EXAMPLE_TARGETS = {
+    "model": "runner.models.vit.VisionTransformer",
+    "opt": "torch.optim.AdamW",
+    "sched": "runner.optim.CosineSchedule",
+    "data": "runner.data.synthetic_splits",
+    "storage": "runner.storage.build_storage",
+}
+
+
 def validate(cfg: DictConfig) -> None:
     """Resolve every interpolation and run each schema's range checks (``__post_init__``), then the
     checks across groups."""
     check_known_keys(cfg)
     OmegaConf.to_object(cfg)
     check_name(str(cfg.name))
+    check_target_packages(cfg)
     check_combinations(cfg)
 
 

@@ -43,16 +43,32 @@ def safe(text: str) -> str:
     return name or "default"
 
 
+#: A value that fits in a name: characters a path keeps readable once ``/`` and ``:`` become ``_``, and short.
+_PLAIN_VALUE = re.compile(r"^[A-Za-z0-9_.,=+\-/:()\[\]]*$")
+MAX_VALUE_LEN = 40
+
+
+def readable(item: str) -> str:
+    """``key=value``, with a value that does not fit a name (a structure, spaces, quotes, or longer than
+    ``MAX_VALUE_LEN``) replaced by a short stable digest of it: ``key=hash-<10 hex>``."""
+    key, sep, value = item.partition("=")
+    if not sep or (_PLAIN_VALUE.match(value) and len(value) <= MAX_VALUE_LEN):
+        return item
+    return f"{key}=hash-{hashlib.sha256(value.encode()).hexdigest()[:10]}"
+
+
 def run_name(override_dirname: str) -> str:
     """``model=vitb16,opt.lr=0.001`` style, or ``default`` with no overrides."""
     items = without_secrets([i.lstrip("+~") for i in _split_overrides(override_dirname)]) if override_dirname else []
-    return safe(",".join(items)) if items else "default"
+    return safe(",".join(readable(i) for i in items)) if items else "default"
 
 
 def sweep_name(task_overrides: list[str], exclude_keys: list[str] | None = None) -> str:
     excluded = set(exclude_keys or [])
     kept = sorted(
-        o.lstrip("+~") for o in without_secrets(task_overrides) if o.split("=", 1)[0].lstrip("+~") not in excluded
+        readable(o.lstrip("+~"))
+        for o in without_secrets(task_overrides)
+        if o.split("=", 1)[0].lstrip("+~") not in excluded
     )
     return safe(",".join(kept)) if kept else "default"
 

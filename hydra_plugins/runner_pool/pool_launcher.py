@@ -109,11 +109,19 @@ class PoolLauncher(Launcher):
 
         assert self.config is not None
         path = Path(str(self.config.hydra.sweep.dir)).absolute() / ".pool" / f"{idx}.result.pkl"
-        if code == 0 and path.exists():
+        from runner.errors import MemberConfigError, MemberFailed
+
+        label = f"sweep member #{idx} ({' '.join(overrides)})"
+        ret: JobReturn | None = None
+        if path.exists():
             with open(path, "rb") as f:
-                ret: JobReturn = cloudpickle.load(f)
-            if ret.status == JobStatus.FAILED:
-                log.error("pool: member #%d failed: %s; log: %s", idx, ret._return_value, log_path)
+                ret = cloudpickle.load(f)
+        if ret is not None and ret.status != JobStatus.FAILED:
             return ret
-        error = RuntimeError(f"sweep member #{idx} ({' '.join(overrides)}) exited with code {code}; log: {log_path}")
+        if ret is not None:
+            failure = dict(ret._return_value)
+            kind = MemberConfigError if failure["config_error"] else MemberFailed
+            error: Exception = kind(f"{label} failed: {failure['reason']} (log: {log_path})")
+        else:  # killed, or crashed before Hydra could report
+            error = MemberFailed(f"{label} exited with code {code} (log: {log_path})")
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)

@@ -1,8 +1,8 @@
 """One pool member: ``python -m hydra_plugins.runner_pool.worker <payload.pkl> <result.pkl>``.
 
 Runs the member as Hydra's basic launcher would (same sweep config, same run directory) and writes its
-``JobReturn``. A failed member's exception is stored as a ``RuntimeError`` carrying the original
-message, so an unpicklable exception cannot turn a failure into a crash of the parent.
+``JobReturn``. A failed member's exception is stored as its one-line reason (see ``PoolLauncher._result``),
+so an unpicklable exception cannot turn a failure into a crash of the parent.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobStatus, run_job, setup_globals
 from omegaconf import open_dict
 
+from runner.errors import config_error_message, one_line
 from runner.launch.pool import apply_cpu_pinning
 
 
@@ -37,8 +38,10 @@ def main(payload_path: str, result_path: str) -> int:
         job_subdir_key="hydra.sweep.subdir",
     )
     if ret.status == JobStatus.FAILED:
+        # NOTE: the reason in one line, and whether it is a configuration error (exit 2), rather than the
+        # exception itself: it may not unpickle in the parent, and its traceback is in the member's log.
         error = ret._return_value
-        ret._return_value = RuntimeError(f"{type(error).__name__}: {error}")
+        ret._return_value = {"reason": one_line(error), "config_error": config_error_message(error) is not None}
     tmp = f"{result_path}.tmp"
     with open(tmp, "wb") as f:
         cloudpickle.dump(ret, f)

@@ -60,6 +60,57 @@ def test_help_lists_groups_and_options(workdir: Path) -> None:
     proc = run_cli(["--help"], cwd=workdir)
     for text in ("model:", "vitb16", "opt:", "sgd", "sched:", "const_cooldown", "data:", "imagefolder", "storage:"):
         assert text in proc.stdout, text
+    groups = proc.stdout.split("== Config groups ==")[1].split("== Config ==")[0]
+    assert "hydra/launcher: basic, local, pool, slurm" in groups, groups
+    assert "schema" not in groups, groups  # the typed schemas behind the YAML are not options to choose
+    assert list(workdir.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        # a package that is not installed (runner does not depend on torchvision)
+        ["model=custom", "model._target_=torchvision.models.resnet18", "+model.num_classes=10"],
+        # an installed package without that name: found only when the run imports it
+        ["model=custom", "model._target_=torch.nn.NoSuchLayer"],
+    ],
+)
+def test_an_unimportable_target_is_one_line_exit_2_and_nothing_written(workdir: Path, overrides: list[str]) -> None:
+    proc = run_cli([*overrides, "+debug=tiny"], cwd=workdir, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: model._target_"), proc.stderr
+    target = overrides[1].split("=", 1)[1]
+    assert target in lines[0] and target.rsplit(".", 1)[0].split(".")[-1] in lines[0], lines[0]
+    assert list(workdir.iterdir()) == [], "a rejected run left files behind"
+
+
+@pytest.mark.parametrize("launcher", ["basic", "pool", "local", "slurm"])
+@pytest.mark.parametrize(
+    ("sweep", "bad"),
+    [
+        ("trainer.batch_size=8,0", "trainer.batch_size"),
+        ("opt.lr=1e-3,-1", "opt.lr"),
+        ("trainer.precision=fp32,fp16", "trainer.precision"),
+    ],
+)
+def test_a_sweep_validates_every_member_before_launching_any(
+    workdir: Path, launcher: str, sweep: str, bad: str
+) -> None:
+    """Value checks (ranges, choices, combinations) run for every member up front, whatever the launcher: the
+    valid member 0 is not trained, and nothing is written. (SLURM: rejected before anything is submitted.)"""
+    proc = run_cli(["-m", f"hydra/launcher={launcher}", sweep, "+debug=tiny"], cwd=workdir, check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: sweep member #1 ") and bad in lines[0], proc.stderr
+    assert "launch" not in proc.stdout.lower(), proc.stdout
+    assert list(workdir.iterdir()) == [], "a rejected sweep left files behind"
+
+
+def test_resume_from_a_path_that_does_not_exist_says_so(workdir: Path) -> None:
+    proc = run_cli(["+debug=tiny", f"trainer.resume={workdir / 'nowhere' / 'step_5'}"], cwd=workdir, check=False)
+    assert proc.returncode == 1
+    assert "no such checkpoint" in proc.stderr and "manifest" not in proc.stderr, proc.stderr
 
 
 def test_vitb16_runs_two_steps_and_reports_its_size(workdir: Path) -> None:

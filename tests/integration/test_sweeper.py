@@ -1,7 +1,8 @@
 """The default sweeper (hydra_plugins/runner_sweeper): same verdicts as Hydra's basic sweeper, cheaper.
 
 Every sweep runs twice, with ``hydra/sweeper=basic`` (Hydra's own, which composes every member) and with
-the default: the exit code and the error line must be the same. Members are dry runs
+the default: the exit code and the reason in the error line must be the same (the default also names the
+member). Members are dry runs
 (``trainer.max_steps=0``), so a sweep that passes validation costs about a second.
 """
 
@@ -36,7 +37,9 @@ def test_same_verdict_as_hydras_basic_sweeper(tmp_path: Path, args: list[str]) -
     (tmp_path / "runner").mkdir()
     want_code, want_error, _ = sweep(tmp_path / "basic", args, basic=True)
     code, error, output = sweep(tmp_path / "runner", args, basic=False)
-    assert (code, error) == (want_code, want_error), output
+    assert code == want_code, output
+    # The same reason (runner's sweeper also names the member, when a member's own values are the cause).
+    assert want_error.removeprefix("error: ") in error, output
     if code == 0:
         assert "dry run" in output
     else:

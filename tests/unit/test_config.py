@@ -124,6 +124,32 @@ def test_names_are_stable_and_safe() -> None:
     assert ".." not in run_name("name=../../x")
 
 
+def test_structured_values_become_a_short_stable_digest_with_their_key() -> None:
+    structured = "+model._args_=[{_target_: torch.nn.Flatten}, {_target_: torch.nn.Linear, in_features: 3072}]"
+    name = run_name(f"{structured},model=custom")
+    assert name == run_name(f"{structured},model=custom")  # stable: the same command names the same run
+    key, digest = name.split(",")[0].split("=")
+    assert key == "model._args_" and digest.startswith("hash-") and len(digest) == 15, name
+    assert name.endswith(",model=custom") and len(name) <= 41
+    assert run_name(structured.replace("3072", "1024")) != run_name(structured)
+    # Values that fit stay readable, as before: numbers, paths, lists, ranges.
+    assert run_name("opt.betas=[0.9,0.95],data.root=/data/x") == "opt.betas=_0.9,0.95_,data.root=_data_x"
+    assert sweep_name(["trainer.seed=range(100)"]) == "trainer.seed=range_100"
+    assert run_name("data.root=" + "x" * 41).startswith("data.root=hash-")  # too long to read anyway
+
+
+def test_a_missing_sweeper_plugin_names_the_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hydra.errors import MissingConfigException
+
+    from runner import errors
+
+    monkeypatch.setitem(errors._PLUGIN_EXTRAS, "hydra/sweeper=not_installed", "install the extra")
+    with pytest.raises(MissingConfigException) as raised:
+        compose_cfg("hydra/sweeper=not_installed")
+    assert errors.config_error_message(raised.value) == "hydra/sweeper=not_installed: not installed; install the extra"
+    assert "runner[sweep]" in errors._PLUGIN_EXTRAS["hydra/sweeper=optuna"]
+
+
 def test_composed_config_is_typed() -> None:
     cfg = compose_cfg()
     assert OmegaConf.get_type(cfg.trainer).__name__ == "TrainerConfig"
