@@ -37,14 +37,14 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from runner import checkpoint, resume
-from runner.checkpoint import Checkpointer
-from runner.data import SyntheticImages, TrainStream
+from runner.checkpoint import layout, manifest, resume
+from runner.checkpoint.load import SafeLoadPlanner
+from runner.checkpoint.save import Checkpointer
+from runner.checkpoint.state import TrainState
 from runner.models.vit import VisionTransformer
-from runner.optim import param_groups
-from runner.reading import SafeLoadPlanner
-from runner.state import TrainState
 from runner.storage import LocalStorage, checksum
+from runner.train.data import SyntheticImages, TrainStream
+from runner.train.optim import param_groups
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 warnings.filterwarnings("ignore", message=".*process group.*")
@@ -194,20 +194,20 @@ class Bench:
     def load(self) -> float:
         """What ``run`` does to resume: find the newest checkpoint, load it (verifying it) into the live state."""
         storage = LocalStorage(os.path.join(self.root, "sync"))
-        ref = checkpoint.newest_valid(storage)
+        ref = manifest.newest_valid(storage)
         assert ref is not None
         evict(ref.url)
 
         def go() -> None:
-            plan = resume.ResumePlan(local=checkpoint.valid_refs(storage, checksums=False))
-            _, _, found = resume.load_newest(plan, storage.url(checkpoint.CKPT_DIR), lambda: (None, self.state))
+            plan = resume.ResumePlan(local=manifest.valid_refs(storage, checksums=False))
+            _, _, found = resume.load_newest(plan, storage.url(layout.CKPT_DIR), lambda: (None, self.state))
             assert found is not None and found.step == ref.step
 
         return timed(go)
 
     def dcp_load(self) -> float:
         """DCP's stock reader into the same live state, verifying nothing: what the one-pass reader replaced."""
-        ref = checkpoint.newest_valid(LocalStorage(os.path.join(self.root, "sync")))
+        ref = manifest.newest_valid(LocalStorage(os.path.join(self.root, "sync")))
         assert ref is not None
         evict(ref.url)
 

@@ -39,9 +39,9 @@ def bare(steps: int, threads: int, batch: int) -> float:
     import torch
     import torch.nn.functional as F
 
-    from runner.data import SyntheticImages
     from runner.models.vit import VisionTransformer
-    from runner.optim import param_groups
+    from runner.train.data import SyntheticImages
+    from runner.train.optim import param_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -44,8 +44,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.storage.sync import Syncer  # noqa: E402
-from runner.storage.transfer import S3Remote  # noqa: E402
+from runner.storage.s3 import S3Remote  # noqa: E402
+from runner.sync.syncer import Syncer  # noqa: E402
 from tests.s3_server import DUMMY_ENV, S3Server  # noqa: E402
 
 MB = 1 << 20

@@ -16,9 +16,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from runner.config import TARGET_SECTIONS, ConfigError
-from runner.data import Splits
-from runner.optim import Schedule, param_groups
 from runner.storage import StoragePlugin
+from runner.train.data import Splits
+from runner.train.optim import Schedule, param_groups
 
 
 @dataclass

@@ -137,7 +137,7 @@ class ScheduleConfig:
 
 @dataclass
 class CosineConfig(ScheduleConfig):
-    _target_: str = "runner.optim.CosineSchedule"
+    _target_: str = "runner.train.optim.CosineSchedule"
     # Final learning rate as a fraction of opt.lr.
     min_lr_ratio: float = 0.0
 
@@ -148,12 +148,12 @@ class CosineConfig(ScheduleConfig):
 
 @dataclass
 class ConstConfig(ScheduleConfig):
-    _target_: str = "runner.optim.ConstSchedule"
+    _target_: str = "runner.train.optim.ConstSchedule"
 
 
 @dataclass
 class ConstCooldownConfig(ScheduleConfig):
-    _target_: str = "runner.optim.ConstCooldownSchedule"
+    _target_: str = "runner.train.optim.ConstCooldownSchedule"
     # Steps at the end of training over which the rate decays to cooldown_end_ratio * opt.lr.
     cooldown_steps: int = 100
     cooldown_power: float = 1.0
@@ -182,7 +182,7 @@ class DataConfig:
 
 @dataclass
 class SyntheticConfig(DataConfig):
-    _target_: str = "runner.data.synthetic_splits"
+    _target_: str = "runner.train.data.synthetic_splits"
     train_size: int = 8192
     eval_size: int = 1024
     # Pixel noise around each class pattern; higher is harder.
@@ -197,7 +197,7 @@ class SyntheticConfig(DataConfig):
 
 @dataclass
 class ImageFolderConfig(DataConfig):
-    _target_: str = "runner.data.imagefolder_splits"
+    _target_: str = "runner.train.data.imagefolder_splits"
     # Any fsspec URL holding train/<class>/<image> (and optionally val/<class>/<image>).
     root: str = MISSING
     train_split: str = "train"
@@ -423,8 +423,8 @@ def check_target_packages(cfg: DictConfig) -> None:
 _EXAMPLE_TARGETS = {
     "model": "runner.models.vit.VisionTransformer",
     "opt": "torch.optim.AdamW",
-    "sched": "runner.optim.CosineSchedule",
-    "data": "runner.data.synthetic_splits",
+    "sched": "runner.train.optim.CosineSchedule",
+    "data": "runner.train.data.synthetic_splits",
     "storage": "runner.storage.build_storage",
 }
 

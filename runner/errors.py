@@ -145,7 +145,7 @@ def run_error_message(error: BaseException) -> str | None:
     A checkpoint that cannot be written (disk full) or loaded (``trainer.resume`` names a broken one) and
     a deliberate stop are not bugs: a traceback would bury the one line that says what to do.
     """
-    from runner.checkpoint import CheckpointError
+    from runner.checkpoint.errors import CheckpointError
     from runner.history import HistoryError
 
     for e in _causes(error):

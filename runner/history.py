@@ -69,7 +69,7 @@ def fetch(remote: Storage, run_dir: str, rank: int, replace: bool) -> list[str]:
             f"{type(e).__name__}: {e}. Nothing was written; rerun the same command once the remote answers"
         ) from e
     if wanted:
-        # NOTE: debug: a resumed run's first line says where it resumes from (see runner.resume).
+        # NOTE: debug: a resumed run's first line says where it resumes from (see runner.checkpoint.resume).
         log.debug("fetched %d history files of this run from %s", len(wanted), remote.url())
     return wanted
 

@@ -1,7 +1,7 @@
 """One run, from a composed config to a trained, checkpointed model: ``run(cfg) -> objective``.
 
 Order matters: validate before anything touches disk; find the checkpoints it may resume from; build and
-load the newest intact one (:mod:`runner.resume`) and say so on the first lines; start the syncer; train;
+load the newest intact one (:mod:`runner.checkpoint.resume`) and say so on the first lines; start the syncer; train;
 close resources on every path.
 """
 
@@ -20,16 +20,19 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from runner import build, checkpoint, distributed, history
+from runner import build, distributed, history
+from runner.checkpoint.layout import CKPT_DIR
+from runner.checkpoint.manifest import CheckpointRef
+from runner.checkpoint.resume import find_resume, load_newest
+from runner.checkpoint.save import Checkpointer, clean_partial
+from runner.checkpoint.state import TrainState
 from runner.config import ConfigError, TrainerConfig, validate
-from runner.data import TrainStream, eval_loader
 from runner.launch.requeue import Preemption
-from runner.metrics import Sink, make_sink
 from runner.naming import SECRET_KEY, remove_if_empty
-from runner.resume import find_resume, load_newest
-from runner.state import TrainState
-from runner.storage import sync
-from runner.train import Hooks, fit
+from runner.sync import syncer as sync
+from runner.train.data import TrainStream, eval_loader
+from runner.train.loop import Hooks, fit
+from runner.train.metrics import Sink, make_sink
 
 log = logging.getLogger("runner")
 
@@ -129,13 +132,13 @@ def run(cfg: DictConfig) -> float:
     if trainer.threads:
         torch.set_num_threads(trainer.threads)
     distributed.init(env, device, trainer.dist_timeout_s)
-    folder = os.path.join(run_dir, checkpoint.CKPT_DIR)
+    folder = os.path.join(run_dir, CKPT_DIR)
     if env.rank == 0:
-        checkpoint.clean_partial(folder)
+        clean_partial(folder)
         if trainer.resume.strip() == "none":
             _set_aside(run_dir)
 
-    def announce(ref: checkpoint.CheckpointRef) -> None:
+    def announce(ref: CheckpointRef) -> None:
         if env.rank == 0:
             log.info(
                 "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
@@ -176,9 +179,7 @@ def run(cfg: DictConfig) -> float:
         syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect, owner=config_hash(cfg))
         if syncer is not None and not plan.checked:
             syncer.guard(resumed_step=ref.step if ref is not None else None)
-    ckpt = checkpoint.Checkpointer(
-        run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None
-    )
+    ckpt = Checkpointer(run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None)
     _maybe_async(ckpt, trainer, env.world_size, device)
     if syncer is not None:
         log.info("syncing %s to %s every %.0fs", run_dir, syncer.remote.url, syncer.every_s)
@@ -304,8 +305,8 @@ def _sync_metrics(syncer: sync.Syncer, state: TrainState, sink: Sink) -> Callabl
     return lambda path: sink.log(state.step, syncer.metrics(), prefix="sync")
 
 
-def _maybe_async(ckpt: checkpoint.Checkpointer, trainer: TrainerConfig, world: int, device: torch.device) -> None:
-    from runner.async_save import async_possible
+def _maybe_async(ckpt: Checkpointer, trainer: TrainerConfig, world: int, device: torch.device) -> None:
+    from runner.checkpoint.async_save import async_possible
 
     if not trainer.async_ckpt:
         return
@@ -316,7 +317,7 @@ def _maybe_async(ckpt: checkpoint.Checkpointer, trainer: TrainerConfig, world: i
     ckpt.enable_async(trainer.ckpt_in_flight, pin=device.type == "cuda", defer_copy=True)
 
 
-def _close_checkpointer(ckpt: checkpoint.Checkpointer) -> None:
+def _close_checkpointer(ckpt: Checkpointer) -> None:
     """Let the save in flight commit. NOTE: in a ``finally``: with an error already propagating, a failed
     background save is logged (the original error wins); otherwise it is raised (exit non-zero)."""
     if sys.exc_info()[0] is None:
@@ -331,7 +332,7 @@ def _close_checkpointer(ckpt: checkpoint.Checkpointer) -> None:
 def _set_aside(run_dir: str) -> None:
     """``trainer.resume=none`` in a used run directory: keep the old checkpoints and metrics, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for name in (checkpoint.CKPT_DIR, history.METRICS, "tb"):
+    for name in (CKPT_DIR, history.METRICS, "tb"):
         old = os.path.join(run_dir, name)
         if os.path.exists(old):
             new = f"{old}.replaced-{stamp}"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import Dataset
 
-from runner.data import Sample, Splits, synthetic_splits
+from runner.train.data import Sample, Splits, synthetic_splits
 
 ENV = "RUNNER_TEST_GATES"
 TIMEOUT_S = 300.0
@@ -43,7 +43,7 @@ class Gated(Dataset[Sample]):
 
 
 def gated_splits(**kwargs: object) -> Splits:
-    """``runner.data.synthetic_splits`` with the training split gated as ``RUNNER_TEST_GATES`` says."""
+    """``runner.train.data.synthetic_splits`` with the training split gated as ``RUNNER_TEST_GATES`` says."""
     splits = synthetic_splits(**kwargs)  # type: ignore[arg-type]
     gates = []
     for spec in filter(None, os.environ.get(ENV, "").split(",")):

@@ -31,7 +31,7 @@ class StoragePlugin:
         """The remote home of run ``name`` (``<url>/<name>``), or None for local-only runs."""
         if not self.url:
             return None
-        from runner.storage.remote import FsspecStorage
+        from runner.storage.fsspec import FsspecStorage
 
         return FsspecStorage(
             f"{self.url.rstrip('/')}/{name}",
@@ -44,7 +44,7 @@ class StoragePlugin:
         """A storage rooted at an arbitrary URL or path (e.g. ``trainer.resume=s3://...``)."""
         if "://" not in url or url.startswith("file://"):
             return LocalStorage(url.removeprefix("file://"))
-        from runner.storage.remote import FsspecStorage
+        from runner.storage.fsspec import FsspecStorage
 
         return FsspecStorage(url, endpoint_url=self.endpoint_url, region=self.region, client_kwargs=self.client_kwargs)
 

@@ -12,9 +12,10 @@ import sys
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
 
-from runner import checkpoint, distributed
-from runner.data import SyntheticImages, TrainStream
-from runner.state import TrainState
+from runner import distributed
+from runner.checkpoint import errors, save
+from runner.checkpoint.state import TrainState
+from runner.train.data import SyntheticImages, TrainStream
 
 
 def main(run_dir: str, phase: str, failing: int) -> int:
@@ -26,7 +27,7 @@ def main(run_dir: str, phase: str, failing: int) -> int:
     stream = TrainStream(SyntheticImages(64, 8, 4, 0.5, 0, 0), 4, 0, env.rank, env.world_size, 0, pin=False)
     state = TrainState(model, optimizer, stream)
     state.step = 7
-    saver = checkpoint.Checkpointer(run_dir, keep_latest_k=2, config_hash="test")
+    saver = save.Checkpointer(run_dir, keep_latest_k=2, config_hash="test")
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(f"injected failure on rank {env.rank}")
@@ -42,7 +43,7 @@ def main(run_dir: str, phase: str, failing: int) -> int:
             raise SystemExit(f"unknown phase {phase!r}")
     try:
         saver.save(state)
-    except checkpoint.CheckpointError as e:
+    except errors.CheckpointError as e:
         print(f"RAISED {e}", flush=True)
         return 3
     finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint import read_tensors
+from runner.checkpoint.load import read_tensors
 from tests.conftest import REPO, TINY, cli_env, run_cli
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from runner.checkpoint import read_tensors
-from runner.metrics import read_metrics
+from runner.checkpoint.load import read_tensors
+from runner.train.metrics import read_metrics
 from tests.conftest import cli_env, run_cli
 
 ARGS = [

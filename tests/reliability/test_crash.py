@@ -31,7 +31,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint import read_tensors, verify
+from runner.checkpoint.load import read_tensors
+from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage
 from tests.conftest import cli_env, run_cli
 from tests.reliability import summary

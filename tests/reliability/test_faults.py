@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint import read_tensors, verify
-from runner.metrics import read_metrics
+from runner.checkpoint.load import read_tensors
+from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage
+from runner.train.metrics import read_metrics
 from tests.conftest import run_cli, unavailable
 from tests.reliability import summary
 from tests.reliability.conftest import full

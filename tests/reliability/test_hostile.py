@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.checkpoint import Checkpointer, newest_valid
-from runner.state import decode
+from runner.checkpoint.manifest import newest_valid
+from runner.checkpoint.save import Checkpointer
+from runner.checkpoint.state import decode
 from runner.storage import LocalStorage
 from tests.conftest import run_cli
 from tests.reliability import summary
@@ -163,7 +164,8 @@ def test_pickle_in_tensor_data_cannot_run_code(tmp_path: Path) -> None:
 
     import torch
 
-    from runner import checkpoint
+    from runner.checkpoint import errors
+    from runner.checkpoint import load as loading
     from tests.unit.test_checkpoint import Payload, _rewrite_manifest
 
     state = make_state()
@@ -184,7 +186,7 @@ def test_pickle_in_tensor_data_cannot_run_code(tmp_path: Path) -> None:
 
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 1
-    with pytest.raises(checkpoint.UnsafeCheckpointError, match="refused by weights_only loading"):
-        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+    with pytest.raises(errors.UnsafeCheckpointError, match="refused by weights_only loading"):
+        loading.load(ref, make_state())
     assert not marker.exists()
     summary.case(ROW)

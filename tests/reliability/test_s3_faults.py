@@ -23,7 +23,8 @@ import pytest
 import torch
 import yaml
 
-from runner.checkpoint import read_tensors, verify
+from runner.checkpoint.load import read_tensors
+from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage, checksum
 from tests.conftest import IN_CI, cli_env, run_cli
 from tests.fault_proxy import FaultProxy

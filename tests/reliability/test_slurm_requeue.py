@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint import read_tensors
+from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY, cli_env
 from tests.reliability import summary
 from tests.slurm.conftest import Sweep, slurm_cluster, wait_for

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint import read_tensors
+from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY, cli_env
 from tests.slurm.conftest import Sweep, wait_for
 

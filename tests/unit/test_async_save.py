@@ -10,14 +10,17 @@ from typing import Any
 import pytest
 import torch
 
-from runner import checkpoint
-from runner.async_save import AsyncSaver, Frozen, SnapshotRaceError
-from runner.checkpoint import MANIFEST, Checkpointer, CheckpointError, read_tensors
+from runner.checkpoint import manifest
+from runner.checkpoint.async_save import AsyncSaver, Frozen, SnapshotRaceError
+from runner.checkpoint.errors import CheckpointError
+from runner.checkpoint.layout import MANIFEST
+from runner.checkpoint.load import read_tensors
+from runner.checkpoint.save import Checkpointer
 from runner.config import TrainerConfig
-from runner.metrics import NullSink
-from runner.optim import ConstSchedule
 from runner.storage import LocalStorage
-from runner.train import Hooks, fit
+from runner.train.loop import Hooks, fit
+from runner.train.metrics import NullSink
+from runner.train.optim import ConstSchedule
 from tests.unit.test_checkpoint import make_state, train_steps
 
 
@@ -82,7 +85,7 @@ def test_block_returns_only_once_committed(tmp_path: Path) -> None:
     ckpt = Checkpointer(str(tmp_path), 2, "x")
     ckpt.enable_async()
     path = ckpt.save(state, block=True)
-    assert checkpoint.verify(LocalStorage(path), "")[0] is not None
+    assert manifest.verify(LocalStorage(path), "")[0] is not None
     ckpt.close()
 
 

@@ -14,14 +14,19 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
 
-from runner import checkpoint
-from runner.checkpoint import MANIFEST, Checkpointer, UnsafeCheckpointError, newest_valid, read_tensors
-from runner.data import SyntheticImages, TrainStream
+from runner.checkpoint import errors, manifest, resume
+from runner.checkpoint import load as loading
+from runner.checkpoint.errors import UnsafeCheckpointError
+from runner.checkpoint.layout import MANIFEST
+from runner.checkpoint.load import read_tensors
+from runner.checkpoint.manifest import newest_valid
+from runner.checkpoint.save import Checkpointer
+from runner.checkpoint.state import TrainState
 from runner.models.vit import VisionTransformer
-from runner.optim import param_groups
-from runner.state import TrainState
 from runner.storage import LocalStorage, checksum
 from runner.storage.local import sha256_file
+from runner.train.data import SyntheticImages, TrainStream
+from runner.train.optim import param_groups
 from tests.conftest import unavailable
 
 
@@ -63,7 +68,7 @@ def test_round_trip_continues_bitwise(tmp_path: Path) -> None:
     resumed = make_state(init_seed=1)  # different init: everything must come from the checkpoint
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 5
-    checkpoint.load(ref, resumed, scratch=str(tmp_path / "scratch"))
+    loading.load(ref, resumed)
     assert resumed.step == 5
     train_steps(resumed, 9)
     a, b = tensors_of(reference), tensors_of(resumed)
@@ -109,7 +114,7 @@ def test_save_skips_zip_crc32_only_inside_the_save(tmp_path: Path) -> None:
         path = Checkpointer(str(tmp_path), 2, "cfg").save(state)
     assert seen and not any(seen), "DCP's torch.save ran with the CRC32 on"
     assert config.save.compute_crc32 is True
-    assert checkpoint.verify(LocalStorage(str(tmp_path)), "checkpoints/step_1")[0] is not None
+    assert manifest.verify(LocalStorage(str(tmp_path)), "checkpoints/step_1")[0] is not None
     assert set(read_tensors(path)) >= {"model.head.weight"}
 
 
@@ -119,11 +124,11 @@ def test_manifest_checksum_algorithms_old_and_unknown(tmp_path: Path, caplog: py
     _, _, second = _two_checkpoints(tmp_path)
     _rewrite_manifest(second)  # sha256 checksums
     storage = LocalStorage(str(tmp_path))
-    assert checkpoint.verify(storage, "checkpoints/step_2")[0] is not None
-    manifest = json.loads(Path(second, MANIFEST).read_text())
-    for info in manifest["files"].values():
+    assert manifest.verify(storage, "checkpoints/step_2")[0] is not None
+    written = json.loads(Path(second, MANIFEST).read_text())
+    for info in written["files"].values():
         info["checksum"] = "blake9:" + info["checksum"].partition(":")[2]
-    Path(second, MANIFEST).write_text(json.dumps(manifest))
+    Path(second, MANIFEST).write_text(json.dumps(written))
     with caplog.at_level(logging.WARNING):
         ref = newest_valid(storage)
     assert ref is not None and ref.step == 1
@@ -178,8 +183,8 @@ def test_damaged_newest_is_skipped_with_a_warning(
 def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(tmp_path: Path) -> None:
     _, _, second = _two_checkpoints(tmp_path)
     os.remove(os.path.join(second, MANIFEST))
-    with pytest.raises(checkpoint.CheckpointError, match="not a valid checkpoint"):
-        checkpoint.ref_at(LocalStorage(str(tmp_path / "checkpoints")), "step_2")
+    with pytest.raises(errors.CheckpointError, match="not a valid checkpoint"):
+        manifest.ref_at(LocalStorage(str(tmp_path / "checkpoints")), "step_2")
 
 
 class Payload:
@@ -213,7 +218,7 @@ def test_pickled_metadata_cannot_run_code(tmp_path: Path) -> None:
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 2  # integrity checks pass: the attacker fixed the manifest
     with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
-        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+        loading.load(ref, make_state())
     assert not marker.exists()
 
 
@@ -234,7 +239,7 @@ def test_pickled_tensor_entry_cannot_run_code(tmp_path: Path) -> None:
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 2
     with pytest.raises(UnsafeCheckpointError, match=r"model\.head\.bias"):
-        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+        loading.load(ref, make_state())
     assert not marker.exists()
 
 
@@ -278,12 +283,12 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     remote_checksum = remote.checksum
     remote.checksum = lambda path, algorithm="sha256": hashed.append(path) or remote_checksum(path, algorithm)  # type: ignore[method-assign]
 
-    refs = list(checkpoint.valid_refs(remote, checksums=False))
+    refs = list(manifest.valid_refs(remote, checksums=False))
     assert [r.step for r in refs] == [4, 2] and hashed == []
-    local = checkpoint.fetch(refs[0], str(tmp_path / "run" / "checkpoints"))
+    local = resume.fetch(refs[0], str(tmp_path / "run" / "checkpoints"))
     assert hashed == []
     assert isinstance(local.storage, LocalStorage) and local.source == refs[0].url and local.step == 4
-    assert checkpoint.verify(LocalStorage(str(tmp_path / "run" / "checkpoints")), "step_4")[0] is not None
+    assert manifest.verify(LocalStorage(str(tmp_path / "run" / "checkpoints")), "step_4")[0] is not None
 
     # A flipped byte on the remote passes the structure check and is caught in the copy, naming the file;
     # the copy is not left behind.
@@ -292,9 +297,9 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     body[len(body) // 2] ^= 1
     with remote.open(f"checkpoints/step_2/{data}", "wb") as f:
         f.write(bytes(body))
-    assert checkpoint.verify(remote, "checkpoints/step_2", checksums=False)[0] is not None
-    with pytest.raises(checkpoint.CorruptCheckpoint, match=data):
-        checkpoint.fetch(refs[1], str(tmp_path / "run" / "checkpoints"))
+    assert manifest.verify(remote, "checkpoints/step_2", checksums=False)[0] is not None
+    with pytest.raises(errors.CorruptCheckpoint, match=data):
+        resume.fetch(refs[1], str(tmp_path / "run" / "checkpoints"))
     assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["step_4"]
 
 
@@ -308,10 +313,10 @@ def test_loading_at_another_world_size_warns_once_about_the_data_position(
     manifest = json.loads((Path(folder) / MANIFEST).read_text())
     manifest["world_size"] = saved  # as if written by `saved` ranks (rank 0's files are what load reads)
     (Path(folder) / MANIFEST).write_text(json.dumps(manifest))
-    monkeypatch.setattr(checkpoint.distributed, "world_size", lambda: now)
+    monkeypatch.setattr(loading.distributed, "world_size", lambda: now)
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None
     with caplog.at_level(logging.WARNING):
-        checkpoint.load(ref, make_state(), scratch=str(tmp_path))
+        loading.load(ref, make_state())
     said = [r.getMessage() for r in caplog.records if "data position" in r.getMessage()]
     assert len(said) == 1 and f"saved by {saved} ranks and loads into {now}" in said[0], said

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from runner import train
+from runner.train import loop as train
 
 
 def _batches(n: int) -> DataLoader:

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from runner.hashing import HashingWriter
+from runner.checkpoint.hashing import HashingWriter
 from runner.storage import checksum
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-from runner.metrics import TensorBoardSink
+from runner.train.metrics import TensorBoardSink
 
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from runner.models.vit import VisionTransformer
-from runner.optim import ConstCooldownSchedule, ConstSchedule, CosineSchedule, param_groups
+from runner.train.optim import ConstCooldownSchedule, ConstSchedule, CosineSchedule, param_groups
 
 
 def test_warmup_is_linear_then_cosine_decays_to_floor() -> None:

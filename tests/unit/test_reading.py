@@ -13,12 +13,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from runner import checkpoint, reading, resume
-from runner.reading import CorruptCheckpoint, OnePassReader, SafeLoadPlanner
+from runner.checkpoint import errors, manifest, resume, save
+from runner.checkpoint import load as loading
+from runner.checkpoint.load import CorruptCheckpoint, OnePassReader, SafeLoadPlanner
 from runner.storage import LocalStorage, checksum
 from tests.unit.test_checkpoint import make_state, tensors_of, train_steps
 
-BIG = reading.SMALL_RECORD // 4 + 1000  # float32 elements: a record read the large-record way
+BIG = loading.SMALL_RECORD // 4 + 1000  # float32 elements: a record read the large-record way
 
 
 def _sample() -> dict[str, torch.Tensor]:
@@ -104,30 +105,30 @@ def test_every_fallback_loads_the_same_tensors(
 ) -> None:
     path, tensors, files = saved
     calls: list[str] = []
-    generic = reading.OnePassReader._read_record_generic
+    generic = loading.OnePassReader._read_record_generic
 
     def counted_generic(self: OnePassReader, *args: Any) -> None:
         calls.append("generic")
         generic(self, *args)
 
-    monkeypatch.setattr(reading.OnePassReader, "_read_record_generic", counted_generic)
+    monkeypatch.setattr(loading.OnePassReader, "_read_record_generic", counted_generic)
 
     def broken(*args: Any) -> Any:
         raise ValueError("unexpected form")
 
     if fallback == "no_guess":  # records found through the zip directory (small) or read whole (large)
-        monkeypatch.setattr(reading, "_guess", broken)
+        monkeypatch.setattr(loading, "_guess", broken)
     elif fallback == "no_descriptor":  # every guess confirmed through the zip directory instead
-        monkeypatch.setattr(reading, "_ends_at_descriptor", lambda layout, after: False)
+        monkeypatch.setattr(loading, "_ends_at_descriptor", lambda layout, after: False)
     elif fallback == "no_fast_parse":  # DCP's way for every record: torch.load(weights_only=True)
-        monkeypatch.setattr(reading, "_guess", broken)
-        monkeypatch.setattr(reading, "_layout", broken)
+        monkeypatch.setattr(loading, "_guess", broken)
+        monkeypatch.setattr(loading, "_layout", broken)
     else:  # a guess that is off by 64 bytes: caught, and the record is read again the generic way
-        guess = reading._guess
+        guess = loading._guess
         monkeypatch.setattr(
-            reading, "_guess", lambda head: reading._Layout(**{**guess(head).__dict__, "data_start": 64})
+            loading, "_guess", lambda head: loading._Layout(**{**guess(head).__dict__, "data_start": 64})
         )
-        monkeypatch.setattr(reading, "_ends_at_descriptor", lambda layout, after: False)
+        monkeypatch.setattr(loading, "_ends_at_descriptor", lambda layout, after: False)
     dest = _dest(tensors)
     _load(path, files, dest)
     _assert_same(dest, _reference(path, tensors))
@@ -191,7 +192,7 @@ def test_a_checkpoint_that_fails_mid_load_is_skipped_and_the_state_rebuilt(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     state = make_state()
-    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
+    ckpt = save.Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
     train_steps(state, 1)
     ckpt.save(state)
     expected = {k: v.clone() for k, v in tensors_of(state).items()}
@@ -223,13 +224,13 @@ def test_a_checkpoint_that_fails_mid_load_is_skipped_and_the_state_rebuilt(
 
 def test_a_named_checkpoint_that_fails_mid_load_is_an_error(tmp_path: Path) -> None:
     state = make_state()
-    ckpt = checkpoint.Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
+    ckpt = save.Checkpointer(str(tmp_path), keep_latest_k=5, config_hash="x")
     train_steps(state, 1)
     folder = ckpt.save(state)
-    ref = checkpoint.ref_at(LocalStorage(ckpt.folder), "step_1")
+    ref = manifest.ref_at(LocalStorage(ckpt.folder), "step_1")
     name = _flip_middle_of_largest_file(folder)  # after the up-front check: found while loading
     plan = resume.ResumePlan(local=[ref], explicit=True)
-    with pytest.raises(checkpoint.CheckpointError, match=rf"trainer.resume=.*step_1 is not a valid checkpoint: {name}"):
+    with pytest.raises(errors.CheckpointError, match=rf"trainer.resume=.*step_1 is not a valid checkpoint: {name}"):
         resume.load_newest(plan, ckpt.folder, lambda: (None, make_state()))
 
 

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import torch
 
-from runner.state import decode, encode, rng_state, set_rng_state
+from runner.checkpoint.state import decode, encode, rng_state, set_rng_state
 
 
 def test_encode_round_trips_through_json() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from runner.checkpoint import read_tensors
-from runner.metrics import read_metrics
+from runner.checkpoint.load import read_tensors
+from runner.train.metrics import read_metrics
 from tests.conftest import REPO, TINY, cli_env, run_cli
 from tests.gated_data import ENV as GATES
 from tests.s3_server import S3Server, committed_steps, local_tree, remote_tree

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from runner.storage import StoragePlugin
-from runner.storage.sync import SyncConflict, Syncer, SyncError, _scrub
-from runner.storage.transfer import Remote, S3Remote, StorageRemote, s3_etag
+from runner.storage.s3 import Remote, S3Remote, StorageRemote, s3_etag
+from runner.sync.syncer import SyncConflict, Syncer, SyncError, _scrub
 from tests.s3_server import S3Server
 
 MB = 1 << 20
@@ -346,7 +346,7 @@ def test_outage_warns_and_catches_up(
     run = tmp_path / "run"
     checkpoint(run, 1)
     syncer = Syncer(str(run), remote, every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
-    caplog.set_level(logging.INFO, logger="runner.storage.sync")
+    caplog.set_level(logging.INFO, logger="runner.sync.syncer")
     syncer.start()
     try:
         _wait(lambda: syncer.confirmed(1))

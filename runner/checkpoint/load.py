@@ -1,4 +1,4 @@
-"""Reading a checkpoint safely, and in one pass over its bytes.
+"""Loading a checkpoint safely, and in one pass over its bytes.
 
 Safe: DCP's ``.metadata`` is unpickled with an allow-list (:class:`SafeReader`), tensor records with torch's
 ``weights_only`` unpickler, and pickled non-tensor entries are refused (:class:`SafeLoadPlanner`).
@@ -18,16 +18,19 @@ DCP does.
 
 NOTE: the checksum of a file is known only once all of it has been read, so a corrupt file is found after some
 of its tensors were copied into the destination. :class:`CorruptCheckpoint` therefore means "the destination
-holds garbage": the caller loads another checkpoint into it or rebuilds it (see :mod:`runner.resume`).
+holds garbage": the caller loads another checkpoint into it or rebuilds it (see :mod:`.resume`).
 """
 
 from __future__ import annotations
 
 import collections
 import io
+import json
+import logging
 import os
 import pickle
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -35,12 +38,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from runner import distributed
+from runner.checkpoint.errors import CheckpointError, CorruptCheckpoint, UnsafeCheckpointError, one_line
+from runner.checkpoint.layout import rank_file
+from runner.checkpoint.manifest import CheckpointRef
+from runner.checkpoint.state import TrainState
 from runner.storage import checksum
+
+log = logging.getLogger("runner.checkpoint")
 
 #: Data files read at once, each by one thread. NOTE: one, measured: with two files of a 1 GB checkpoint read
 #: side by side the disk here served them slower and less evenly (median 0.75-0.88 s over 8-10 cold loads)
@@ -52,19 +64,6 @@ CHUNK = 4 << 20
 SMALL_RECORD = 1 << 20
 #: Bytes of a record searched for where its tensor's bytes start (a few hundred in practice).
 HEAD = 16 << 10
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written, or one named explicitly cannot be loaded."""
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """The checkpoint asks to unpickle something outside the allow-list: refused."""
-
-
-class CorruptCheckpoint(CheckpointError):
-    """A checkpoint's files do not match its manifest. Found while loading, it means the destination was
-    partly overwritten with the checkpoint's bytes and must not be used as it is."""
 
 
 # --------------------------------------------------------------------------- safe loading
@@ -594,3 +593,106 @@ class OnePassReader(SafeReader):
                 torch.load(data, map_location="cpu", weights_only=True), item.storage_offsets, item.lengths
             )
             _copy(targets[id(item)], tensor, item)
+
+
+# --------------------------------------------------------------------------- load into a run
+def load(ref: CheckpointRef, state: TrainState) -> None:
+    """Load the local checkpoint ``ref`` into ``state`` in place, checking every file this rank reads against
+    the manifest as it reads it (:class:`OnePassReader`). A remote checkpoint is downloaded first, by
+    :func:`runner.checkpoint.resume.fetch` (the only download path).
+
+    Raises :class:`CorruptCheckpoint` (on every rank) if a file fails its checksum: ``state`` is then partly
+    overwritten and must be loaded again from another checkpoint, or rebuilt (see :mod:`.resume`).
+    """
+    local_dir = ref.url
+    rank, world = distributed.rank(), distributed.world_size()
+    name = rank_file(rank) if rank_file(rank) in ref.manifest["files"] else rank_file(0)
+    saved_world = int(ref.manifest.get("world_size", 1))
+    if saved_world != world and rank == 0:
+        log.warning(
+            "checkpoint %s was saved by %d ranks and loads into %d: weights and optimizer state are exact, the "
+            "data position is rank 0's for every rank (this epoch's sample order differs from an uninterrupted "
+            "run)",
+            ref.source,
+            saved_world,
+            world,
+        )
+    reader = OnePassReader(local_dir, ref.manifest["files"])
+    dest = state.load_destination()
+    error = None
+    try:
+        with open(os.path.join(local_dir, name), "rb") as f:
+            data = f.read()
+        reader.check_bytes(name, data)
+        meta = json.loads(data)
+        check_tensor_layout(reader.read_metadata(), dest, ref.url)
+    except CorruptCheckpoint as e:
+        error = str(e)
+    # NOTE: agreed before DCP's collectives, so a rank that found a bad file does not leave the others
+    # waiting in dcp.load; a bad file found inside dcp.load is raised on every rank by DCP itself.
+    error = distributed.first_error(error)
+    if error is not None:
+        raise CorruptCheckpoint(error)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        warnings.filterwarnings("ignore", message=".*process group.*")
+        try:
+            dcp.load(dest, storage_reader=reader, planner=SafeLoadPlanner())
+        except CheckpointException as e:  # NOTE: a BaseException; turn it into one of ours
+            causes = [f[0] if isinstance(f, tuple) else f for f in e.failures.values()]
+            corrupt = next((c for c in causes if isinstance(c, CorruptCheckpoint)), None)
+            if corrupt is not None:
+                raise CorruptCheckpoint(str(corrupt)) from None
+            if any(isinstance(c, pickle.UnpicklingError) for c in causes):
+                raise UnsafeCheckpointError(
+                    f"{ref.url} holds tensor data that is not a plain tensor (refused by weights_only "
+                    "loading): it was not written by runner; refusing to unpickle it"
+                ) from None
+            unsafe = next((c for c in causes if isinstance(c, UnsafeCheckpointError)), None)
+            if unsafe is not None:
+                raise UnsafeCheckpointError(str(unsafe)) from None
+            raise CheckpointError(f"loading {ref.url} failed: {one_line(e)}") from None
+    state.restore(dest, meta)
+
+
+def check_tensor_layout(metadata: Any, dest: dict[str, Any], where: str) -> None:
+    """Before DCP reads anything: every entry we load must be stored as a tensor of the same shape.
+
+    Besides catching a model/config mismatch with a readable message, this refuses checkpoints that
+    store a pickled object where a tensor belongs (DCP would unpickle it with ``weights_only=False``).
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    stored = metadata.state_dict_metadata
+    for top, section in dest.items():
+        for key, tensor in section.items():
+            fqn = f"{top}.{key}"
+            meta = stored.get(fqn)
+            if meta is None:
+                raise CheckpointError(f"{where} has no {fqn!r}: was it saved from a different model or optimizer?")
+            if not isinstance(meta, TensorStorageMetadata):
+                raise UnsafeCheckpointError(
+                    f"{where} stores a pickled object at {fqn!r} where a tensor belongs: refusing to unpickle it"
+                )
+            if tuple(meta.size) != tuple(tensor.shape):
+                raise CheckpointError(
+                    f"{where}: {fqn!r} has shape {tuple(meta.size)}, the model has {tuple(tensor.shape)}; "
+                    "the checkpoint is from a different model configuration"
+                )
+
+
+def read_tensors(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a local checkpoint folder by its flattened key (for tests, reports, export)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = SafeReader(path)
+    metadata = reader.read_metadata()
+    dest = {
+        key: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(dest, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+    return dest

@@ -146,7 +146,7 @@ class TrainState:
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
-    data: Any  # runner.data.TrainStream (kept loose to avoid an import cycle)
+    data: Any  # runner.train.data.TrainStream (kept loose to avoid an import cycle)
     scaler: torch.amp.GradScaler | None = None
     sched: dict[str, Any] = field(default_factory=dict)
     step: int = 0

@@ -22,12 +22,12 @@ from torch import nn
 from tqdm import tqdm
 
 from runner import distributed
-from runner.checkpoint import CheckpointError
+from runner.checkpoint.errors import CheckpointError
+from runner.checkpoint.state import TrainState
 from runner.config import TrainerConfig
 from runner.errors import RunStopped
-from runner.metrics import Sink
-from runner.optim import Schedule, set_lr
-from runner.state import TrainState
+from runner.train.metrics import Sink
+from runner.train.optim import Schedule, set_lr
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from typing import Any
 
 from runner.storage import checksum
 from runner.storage.base import StorageError
-from runner.storage.transfer import Remote, RemoteObject, UploadCancelled, open_remote
+from runner.storage.s3 import Remote, RemoteObject, UploadCancelled, open_remote
 
 log = logging.getLogger(__name__)
 
