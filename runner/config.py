@@ -8,6 +8,7 @@ Range checks live in ``__post_init__`` and run in :func:`validate`, before any w
 from __future__ import annotations
 
 import dataclasses
+import enum
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,9 +229,33 @@ class StorageConfig:
 
 
 # --------------------------------------------------------------------------- trainer
-PRECISIONS = ("fp32", "bf16", "amp_fp16")
-ON_NONFINITE = ("stop", "skip")
-ON_SAVE_ERROR = ("fail", "warn")
+# NOTE: choices are StrEnums (OmegaConf 2.3 has no Literal): the schema itself rejects any other value at
+# compose time, and a member compares equal to its string ("fp32"), so code reads it as a plain str.
+class Precision(enum.StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    amp_fp16 = "amp_fp16"
+
+
+class InFlight(enum.StrEnum):
+    wait = "wait"
+    skip = "skip"
+
+
+class Device(enum.StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnNonfinite(enum.StrEnum):
+    stop = "stop"
+    skip = "skip"
+
+
+class OnSaveError(enum.StrEnum):
+    fail = "fail"
+    warn = "warn"
 
 
 @dataclass
@@ -241,8 +266,8 @@ class TrainerConfig:
     # Per-rank batch size; global batch = batch_size x world size x grad_accum_steps.
     batch_size: int = 64
     grad_accum_steps: int = 1
-    # One of fp32, bf16, amp_fp16 (autocast; amp_fp16 adds a GradScaler).
-    precision: str = "fp32"
+    # fp32, bf16 or amp_fp16 (autocast; amp_fp16 adds a GradScaler).
+    precision: Precision = Precision.fp32
     # Clip the global gradient norm to this value; 0 disables clipping.
     grad_clip_norm: float = 1.0
     log_every: int = 10
@@ -258,7 +283,7 @@ class TrainerConfig:
     # runs with several ranks save synchronously (see runner/async_save.py).
     async_ckpt: bool = True
     # When a checkpoint is due while the previous one is still being written: wait for it, or skip this one.
-    ckpt_in_flight: str = "wait"
+    ckpt_in_flight: InFlight = InFlight.wait
     seed: int = 0
     # Wrap the model in torch.compile.
     compile: bool = False
@@ -266,13 +291,14 @@ class TrainerConfig:
     resume: str = "auto"
     # Torch intra-op threads (0 = torch's default).
     threads: int = 0
-    device: str = "auto"
+    # auto (CUDA when visible), cpu or cuda.
+    device: Device = Device.auto
     # A step whose gradient norm is NaN/Inf: stop (save the last good state, exit non-zero) or skip it
     # (no update; counted as train/skipped_steps).
-    on_nonfinite: str = "stop"
+    on_nonfinite: OnNonfinite = OnNonfinite.stop
     # A checkpoint save that fails mid-run (e.g. disk full): fail (exit non-zero) or warn and keep training.
     # The final save of a run always fails loudly.
-    on_save_error: str = "fail"
+    on_save_error: OnSaveError = OnSaveError.fail
     # Seconds a collective waits for the other ranks before failing (a hung rank). A rank that dies is
     # noticed at once (its connections close); this bounds the wait for one that hangs.
     dist_timeout_s: float = 600.0
@@ -283,41 +309,16 @@ class TrainerConfig:
             value = getattr(self, name)
             _require(value >= 1, f"trainer.{name}", f"must be >= 1, got {value}")
         _require(self.keep_latest_k >= 1, "trainer.keep_latest_k", f"must be >= 1, got {self.keep_latest_k}")
-        _require(
-            self.ckpt_in_flight in ("wait", "skip"),
-            "trainer.ckpt_in_flight",
-            f"unknown value {self.ckpt_in_flight!r}; choose one of wait, skip",
-        )
         _require(self.eval_batches >= 0, "trainer.eval_batches", f"must be >= 0, got {self.eval_batches}")
         _require(
             self.eval_batch_size is None or self.eval_batch_size >= 1,
             "trainer.eval_batch_size",
             f"must be >= 1 (or null = 2 x trainer.batch_size), got {self.eval_batch_size}",
         )
-        _require(
-            self.precision in PRECISIONS,
-            "trainer.precision",
-            f"unknown value {self.precision!r}; choose one of {', '.join(PRECISIONS)}",
-        )
         _require(self.grad_clip_norm >= 0, "trainer.grad_clip_norm", f"must be >= 0, got {self.grad_clip_norm}")
         _require(self.threads >= 0, "trainer.threads", f"must be >= 0, got {self.threads}")
         _require(self.dist_timeout_s > 0, "trainer.dist_timeout_s", f"must be > 0 seconds, got {self.dist_timeout_s}")
-        _require(
-            self.device in ("auto", "cpu", "cuda"),
-            "trainer.device",
-            f"unknown value {self.device!r}; choose one of auto, cpu, cuda",
-        )
         _require(bool(self.resume.strip()), "trainer.resume", "must be auto, none or a checkpoint path")
-        _require(
-            self.on_nonfinite in ON_NONFINITE,
-            "trainer.on_nonfinite",
-            f"unknown value {self.on_nonfinite!r}; choose one of {', '.join(ON_NONFINITE)}",
-        )
-        _require(
-            self.on_save_error in ON_SAVE_ERROR,
-            "trainer.on_save_error",
-            f"unknown value {self.on_save_error!r}; choose one of {', '.join(ON_SAVE_ERROR)}",
-        )
 
 
 # --------------------------------------------------------------------------- root
@@ -449,7 +450,7 @@ def limit_yaml_aliases() -> None:
     """Make OmegaConf's YAML loader (what Hydra reads config files with) refuse alias bombs.
 
     NOTE: this wraps ``omegaconf._utils.get_yaml_loader``, which ``OmegaConf.load`` looks up at each call.
-    Installed once by ``runner.__main__``; tests/reliability/test_hostile.py checks it still bites.
+    Installed by :func:`install`; tests/reliability/test_hostile.py checks it still bites.
     """
     import omegaconf._utils as omegaconf_utils
     import yaml
@@ -496,6 +497,41 @@ def limit_yaml_aliases() -> None:
 
     guarded._runner_guarded = True  # type: ignore[attr-defined]
     omegaconf_utils.get_yaml_loader = guarded
+
+
+def _run_name(override_dirname: str) -> str:
+    from runner.naming import run_name
+
+    return run_name(override_dirname)
+
+
+def _sweep_name(task_overrides: list[str], exclude_keys: list[str]) -> str:
+    from runner.naming import sweep_name
+
+    return sweep_name(list(task_overrides), list(exclude_keys))
+
+
+def _checked_name(name: str) -> str:
+    return check_name(str(name))
+
+
+def _tasks_per_node(gpus_per_node: int | None) -> int:
+    """One rank per GPU (conf/hydra/launcher/slurm.yaml); a CPU-only job runs one task unless told."""
+    return int(gpus_per_node) if gpus_per_node else 1
+
+
+def install() -> None:
+    """Everything composing runner's config needs, done once and on purpose (importing a module does none of
+    it): the schemas in Hydra's ConfigStore, the resolvers ``conf/`` uses, and the YAML alias guard. Called by
+    the entry point and by the tests' fixture; idempotent."""
+    OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+    OmegaConf.register_new_resolver("checked_name", _checked_name, replace=True)
+    OmegaConf.register_new_resolver("runner_tasks_per_node", _tasks_per_node, replace=True)
+    # NOTE: cached: Hydra copies the cache into each member's config, so every member resolves the sweep's
+    # name (from the sweep's overrides), not one derived from its own (see conf/config.yaml).
+    OmegaConf.register_new_resolver("sweep_name", _sweep_name, replace=True, use_cache=True)
+    register_configs()
+    limit_yaml_aliases()
 
 
 def register_configs() -> None:

@@ -67,6 +67,18 @@ def rendezvous_port(job_id: str) -> int:
     return 20000 + int(digits) % 20000
 
 
+def pick_device(choice: str, local_rank: int) -> torch.device:
+    """``trainer.device``: the GPU of this rank's local rank (when CUDA is asked for or visible), else the CPU."""
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            from runner.config import ConfigError
+
+            raise ConfigError("trainer.device: cuda requested but no CUDA device is visible; use trainer.device=cpu")
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
     if env.world_size <= 1 or dist.is_initialized():
         return
@@ -105,10 +117,6 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main() -> bool:
-    return rank() == 0
 
 
 def local_rank() -> int:
@@ -151,11 +159,3 @@ def all_mean(value: torch.Tensor) -> torch.Tensor:
     t = value.detach().clone()
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t / dist.get_world_size()
-
-
-def broadcast_str(value: str | None) -> str | None:
-    if not dist.is_initialized():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

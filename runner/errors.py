@@ -30,6 +30,7 @@ _KINDS = {
     "bool": "true or false",
     "str": "a string",
 }
+_ENUM_VALUE = re.compile(r"Invalid value '([^']*)', expected one of \[([^\]]*)\]")
 _NOT_FOUND = re.compile(r"Could not find '([^']+)'")
 _OPTIONS = re.compile(r"Available options in '([^']+)':\s*((?:\n\s+\S+)+)")
 
@@ -64,6 +65,10 @@ def _omegaconf_message(e: Exception) -> str:
         return f"{key}: missing a required value; set it on the command line, e.g. {key}=..."
     if isinstance(e, ValidationError):
         msg = re.sub(r"\s*full_key:.*", "", msg)
+        choice = _ENUM_VALUE.search(msg)
+        if choice:  # a choice field (a StrEnum in the schema)
+            options = ", ".join(o.strip() for o in choice.group(2).split(","))
+            return f"{key}: unknown value {choice.group(1)!r}; choose one of {options}"
         value = re.search(r"Value '([^']*)'", msg)
         expected = re.search(r"converted to (\w+)", msg) or re.search(r"is not a valid (\w+)", msg)
         if value and expected:

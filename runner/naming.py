@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from typing import Any
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.,=+-]")
 MAX_LEN = 120
@@ -14,6 +15,28 @@ SECRET_KEY = re.compile(
 )
 # Where a new override starts in Hydra's comma-joined override_dirname (values may contain commas).
 _OVERRIDE_START = re.compile(r"^[+~]*[A-Za-z_][\w.@/-]*=")
+
+
+REDACTED = "***"
+
+
+def redact(obj: Any) -> Any:
+    """A copy with every value under a secret-looking key replaced by ``***``."""
+    if isinstance(obj, dict):
+        return {
+            k: (REDACTED if SECRET_KEY.search(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()
+        }
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def redact_overrides(overrides: list[str]) -> list[str]:
+    """Command-line overrides with the value of any that mentions a secret replaced by ``***``.
+
+    NOTE: the whole override is searched, not just its key: ``storage.client_kwargs={api_token: x}``.
+    """
+    return [o if not SECRET_KEY.search(o) else f"{o.split('=', 1)[0]}={REDACTED}" for o in overrides]
 
 
 def without_secrets(items: list[str]) -> list[str]:

@@ -1,19 +1,20 @@
-"""One run, from a composed config to a trained, checkpointed model: ``run(cfg) -> objective``.
+"""One run, from a validated config to a trained, checkpointed model: ``run(cfg) -> objective``.
 
-Order matters: validate before anything touches disk; find the checkpoints it may resume from; build and
-load the newest intact one (:mod:`runner.checkpoint.resume`) and say so on the first lines; start the syncer; train;
-close resources on every path.
+A :class:`Run` goes through three steps. ``setup``: device, storage, where it may resume from, the run
+directory and its history, log files, the process group. ``resume``: build the parts and the state and load
+the newest intact checkpoint into it, saying so first. ``train``: the syncer, the checkpointer, the metric
+sinks and the loop. Every resource is entered into one ``ExitStack`` as it is made, so it is closed on every
+path, in reverse: the checkpoint in flight commits, the metric files close, the final sync uploads them, the
+process group goes. Only then is a preempted job handed back to SLURM.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import contextlib
 import logging
 import os
-import sys
 import time
-from collections.abc import Callable
+from types import TracebackType
 from typing import Any
 
 import torch
@@ -21,48 +22,271 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from runner import build, distributed, history
+from runner.checkpoint import manifest
+from runner.checkpoint.async_save import async_possible
 from runner.checkpoint.layout import CKPT_DIR
 from runner.checkpoint.manifest import CheckpointRef
 from runner.checkpoint.resume import find_resume, load_newest
 from runner.checkpoint.save import Checkpointer, clean_partial
 from runner.checkpoint.state import TrainState
-from runner.config import ConfigError, TrainerConfig, validate
+from runner.config import ConfigError, TrainerConfig
 from runner.launch.requeue import Preemption
-from runner.naming import SECRET_KEY, remove_if_empty
+from runner.naming import redact, redact_overrides, remove_if_empty
+from runner.storage.local import atomic_write
 from runner.sync import syncer as sync
 from runner.train.data import TrainStream, eval_loader
-from runner.train.loop import Hooks, fit
-from runner.train.metrics import Sink, make_sink
+from runner.train.loop import Context, Hooks, Loop
+from runner.train.metrics import make_sink
 
 log = logging.getLogger("runner")
 
-_SECRET = SECRET_KEY
-REDACTED = "***"
+#: Sections whose values decide what is trained: their hash names a run's checkpoints in manifests.
+TRAINED = ("model", "opt", "sched", "data")
 
 
-def redact(obj: Any) -> Any:
-    """A copy with every value under a secret-looking key replaced by ``***``."""
-    if isinstance(obj, dict):
-        return {k: (REDACTED if _SECRET.search(str(k)) and v not in (None, "") else redact(v)) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [redact(v) for v in obj]
-    return obj
+def run(cfg: DictConfig) -> float:
+    """Train ``cfg`` (validated: see ``runner.__main__.train``); returns the objective, the final eval top-1."""
+    with contextlib.ExitStack() as stack:
+        job = Run(cfg, stack)
+        job.setup()
+        job.resume()
+        objective = job.train()
+    if job.requeue is not None:
+        # Every rank saved the checkpoint (committed: the checkpointer was closed) and rank 0 synced it.
+        job.requeue.requeue()  # hands the job back to SLURM; does not return
+    return objective
 
 
-def config_hash(cfg: DictConfig) -> str:
-    """Hash of what is trained (model, opt, sched, data, seed): not of cadence or storage settings."""
-    keep = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("model", "opt", "sched", "data")}
-    keep["seed"] = int(cfg.trainer.seed)
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+class Run:
+    """One run's resources, made in :meth:`setup`, :meth:`resume` and :meth:`train`, closed by ``stack``."""
 
+    def __init__(self, cfg: DictConfig, stack: contextlib.ExitStack) -> None:
+        self.cfg, self.stack = cfg, stack
+        self.name = str(cfg.name)
+        self.run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else f"outputs/{self.name}"
+        self.folder = os.path.join(self.run_dir, CKPT_DIR)
+        self.env = distributed.detect()
+        self.trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+        self.config_hash = manifest.config_hash(
+            {k: OmegaConf.to_container(cfg[k], resolve=True) for k in TRAINED}, self.trainer.seed
+        )
+        #: Set when training stopped on the requeue signal: the job is handed back once everything is closed.
+        self.requeue: Preemption | None = None
+        self.forward: torch.nn.Module | None = None
+        self.ckpt: Checkpointer | None = None
 
-def pick_device(choice: str, local_rank: int) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise ConfigError("trainer.device: cuda requested but no CUDA device is visible; use trainer.device=cpu")
-        torch.cuda.set_device(local_rank % torch.cuda.device_count())
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
+    # ----------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """Everything before the state is built: checks that need torch, storage, the run directory and its
+        history, log files, the process group."""
+        try:
+            self.device = distributed.pick_device(self.trainer.device, self.env.local_rank)
+            check_precision(self.trainer.precision, self.device)
+            build.check_targets(self.cfg)
+        except Exception:
+            remove_if_empty(self.run_dir, os.getcwd())  # rejected before any work: nothing written
+            raise
+        self.storage = build.build_storage(self.cfg)
+        self.plan = find_resume(self.trainer, self.run_dir, self.storage, self.name)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self._fetch_history()
+        # NOTE: before the download and the resume message, so a requeued job's own log says where it continued.
+        add_log_file(self.run_dir, self.env.rank)
+        if self.env.rank == 0:
+            save_config(self.cfg, self.run_dir)
+        if self.trainer.threads:
+            torch.set_num_threads(self.trainer.threads)
+        distributed.init(self.env, self.device, self.trainer.dist_timeout_s)
+        self.stack.push(self._leave_group)
+        if self.env.rank == 0:
+            clean_partial(self.folder)
+            if self.trainer.resume.strip() == "none":
+                set_aside(self.run_dir)
+
+    def _fetch_history(self) -> None:
+        """Before anything appends to metrics.jsonl, tb/ or logs/: a resumed run's history is its own."""
+        remote = self.storage.remote(self.name) if self.plan.checked else None
+        if remote is None or self.trainer.resume.strip() == "none":
+            return
+        try:
+            history.fetch(remote, self.run_dir, self.env.rank, replace=bool(self.plan.remote))
+        except history.HistoryError:
+            remove_if_empty(self.run_dir, os.getcwd())
+            raise
+
+    def _leave_group(self, kind: type[BaseException] | None, *_: object) -> None:
+        # NOTE: drop the DDP wrapper while the process group is still registered. If its Reducer held the last
+        # reference, the gloo group would be destroyed inside the Reducer's dealloc with the GIL held, while a
+        # gloo worker thread waits for the GIL to free a finished work's tensor: a deadlock seen as a rank that
+        # never exits after "finished". On an error the other ranks may never arrive: no barrier then.
+        self.forward = None
+        distributed.shutdown(together=kind is None)
+
+    # ----------------------------------------------------------------------- resume
+    def resume(self) -> None:
+        """Build the parts and the state; load the newest intact checkpoint into it (announced first)."""
+        self.parts, self.state, ref = load_newest(self.plan, self.folder, self._build_state, self._announce)
+        if ref is None and self.env.rank == 0:
+            log.info("run %r: starting fresh in %s", self.name, self.run_dir)
+        if ref is not None:  # NOTE: every rank, in its own log file: each says what it loaded
+            log.info("loaded checkpoint at step %d", self.state.step)
+        self.resumed_step = ref.step if ref is not None else None
+        world = distributed.world_size()
+        self.global_batch = self.trainer.batch_size * world * self.trainer.grad_accum_steps
+        self.eval_batch = self.trainer.eval_batch_size or 2 * self.trainer.batch_size
+        log.info(
+            "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; "
+            "eval batch %d per rank; device %s",
+            self.cfg.model.get("_target_"),
+            sum(p.numel() for p in self.parts.model.parameters()) / 1e6,
+            self.global_batch,
+            self.trainer.batch_size,
+            world,
+            self.trainer.grad_accum_steps,
+            self.eval_batch,
+            self.device,
+        )
+
+    def _announce(self, ref: CheckpointRef) -> None:
+        if self.env.rank == 0:
+            log.info(
+                "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
+                "or another name=...",
+                self.name,
+                ref.step,
+                ref.source,
+            )
+
+    def _build_state(self) -> tuple[build.Parts, TrainState]:
+        """The run's parts and a fresh training state, seeded: the same every time it is called."""
+        torch.manual_seed(self.trainer.seed)
+        parts = build.build(self.cfg, self.device)
+        rank, world = distributed.rank(), distributed.world_size()
+        # Different ranks draw different RNG streams (dropout etc.); model init above was identical.
+        torch.manual_seed(self.trainer.seed + rank)
+        pin = self.device.type == "cuda"
+        stream = TrainStream(
+            parts.data.train, self.trainer.batch_size, self.trainer.seed, rank, world, parts.data.num_workers, pin
+        )
+        scaler = torch.amp.GradScaler(self.device.type) if self.trainer.precision == "amp_fp16" else None
+        return parts, TrainState(parts.model, parts.optimizer, stream, scaler)
+
+    # ----------------------------------------------------------------------- train
+    def train(self) -> float:
+        """Train from the loaded state to ``trainer.max_steps``; returns the final eval top-1."""
+        syncer = self._start_sync()
+        ckpt = self._checkpointer(syncer)
+        preemption = Preemption.install(self.env.rank)  # NOTE: after init: a signal in the rendezvous still counts
+        if preemption is not None:
+            self.stack.callback(preemption.restore)
+        if self.state.step >= self.trainer.max_steps:
+            top1 = self.state.last_eval.get("top1", float("nan"))
+            log.info(
+                "run %r is already complete at step %d (eval top-1 %.2f%%); nothing to do",
+                self.name,
+                self.state.step,
+                100 * top1,
+            )
+            return float(top1)
+        return self._fit(ckpt, syncer, preemption)
+
+    def _start_sync(self) -> sync.Syncer | None:
+        """Rank 0 mirrors the run directory; the final blocking sync runs when the stack closes."""
+        if self.env.rank != 0:
+            return None
+        protect = {self.resumed_step} if self.resumed_step is not None else set()
+        keep = self.trainer.keep_latest_k
+        syncer = sync.for_run(self.storage, self.name, self.run_dir, keep, protect, owner=self.config_hash)
+        if syncer is None:
+            return None
+        if not self.plan.checked:
+            syncer.guard(resumed_step=self.resumed_step)
+
+        def finish(kind: type[BaseException] | None, *_: object) -> None:
+            # With an error in flight a failed final sync is logged and the original error propagates; after a
+            # successful run it raises (exit non-zero). Local retention then deletes what is now confirmed.
+            sync.finish(syncer, failed=kind is not None, on_done=self._retire)
+
+        self.stack.push(finish)
+        log.info("syncing %s to %s every %.0fs", self.run_dir, syncer.remote.url, syncer.every_s)
+        return syncer
+
+    def _retire(self) -> None:
+        if self.ckpt is not None:
+            self.ckpt.retire()
+
+    def _checkpointer(self, syncer: sync.Syncer | None) -> Checkpointer:
+        uploaded = syncer.confirmed if syncer is not None else None
+        ckpt = self.ckpt = Checkpointer(self.run_dir, self.trainer.keep_latest_k, self.config_hash, uploaded=uploaded)
+        self.stack.push(self._close_checkpointer)
+        if self.trainer.async_ckpt and async_possible(distributed.world_size()):
+            # NOTE: the loop calls fence() before each optimizer step, so copies may be deferred to the worker.
+            pin = self.device.type == "cuda"
+            ckpt.enable_async(self.trainer.ckpt_in_flight, pin=pin, defer_copy=True)
+        elif self.trainer.async_ckpt:
+            log.info("trainer.async_ckpt: %d ranks, so checkpoints are written synchronously", distributed.world_size())
+        if syncer is not None:
+            syncer.start()
+        return ckpt
+
+    def _close_checkpointer(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        """Let the save in flight commit (first, so the final sync uploads it). With an error already
+        propagating, a failed background save is logged (the original error wins); otherwise it is raised."""
+        assert self.ckpt is not None
+        if kind is None:
+            self.ckpt.close()
+            return
+        try:
+            self.ckpt.close()
+        except Exception as e:
+            log.error("the checkpoint in flight failed too: %s", e)
+
+    def _fit(self, ckpt: Checkpointer, syncer: sync.Syncer | None, preemption: Preemption | None) -> float:
+        rank, world = distributed.rank(), distributed.world_size()
+        if rank == 0:
+            history.rewind(self.run_dir, self.state.step)
+        # NOTE: TensorBoard hides events of replayed steps from earlier event files (its purge_step). Closed
+        # before the final sync (pushed after it), so the remote gets complete event files.
+        sink = self.stack.enter_context(
+            contextlib.closing(make_sink(self.run_dir, rank, purge_step=self.state.step + 1))
+        )
+        self.forward = self._wrap(self.parts.model)
+        hooks = Hooks(save=ckpt.save, check=ckpt.check, wait=ckpt.wait, before_update=ckpt.fence)
+        if preemption is not None:
+            hooks.should_stop = preemption.requested
+        if syncer is not None:  # after each checkpoint: the syncer's lag, bytes and throughput as sync/* scalars
+            hooks.after_save = lambda path: sink.log(self.state.step, syncer.metrics(), prefix="sync")
+        evals = eval_loader(self.parts.data.eval, self.eval_batch, rank, world, self.parts.data.num_workers)
+        context = Context(self.device, self.global_batch, sink, hooks, show_progress=rank == 0)
+        started = time.perf_counter()
+        outcome = Loop(self.state, self.forward, self.parts.schedule, evals, self.trainer, context).fit()
+        if outcome.stopped_early:
+            log.warning("run %r: checkpoint saved at step %d on the requeue signal", self.name, outcome.step)
+            self.requeue = preemption
+            return float("nan")  # Not reached on SLURM: the requeue ends the process.
+        top1 = outcome.last_eval.get("top1", float("nan"))
+        log.info(
+            "finished at step %d in %.1fs: eval top-1 %.2f%% (chance %.2f%%), loss %.4f",
+            outcome.step,
+            time.perf_counter() - started,
+            100 * top1,
+            100 / self.parts.data.num_classes,
+            outcome.last_eval.get("loss", 0.0),
+        )
+        sink.hparams(hparams(self.cfg), {"top1": top1, "loss": outcome.last_eval.get("loss", float("nan"))})
+        return float(top1)
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the loop calls forward on: compiled if asked, and DDP-wrapped with several ranks."""
+        forward = model
+        if self.trainer.compile:
+            forward = torch.compile(forward)  # type: ignore[assignment]
+        if distributed.world_size() > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=ids)
+        return forward
 
 
 def check_precision(precision: str, device: torch.device) -> None:
@@ -70,267 +294,30 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise ConfigError("trainer.precision: bf16 is not supported on this GPU; use amp_fp16 or fp32")
 
 
-def _add_log_file(run_dir: str, rank: int) -> None:
+def add_log_file(run_dir: str, rank: int) -> None:
+    """Every rank logs to ``logs/rank<N>.log``; only rank 0 talks on the console."""
     os.makedirs(os.path.join(run_dir, "logs"), exist_ok=True)
     handler = logging.FileHandler(os.path.join(run_dir, "logs", f"rank{rank}.log"))
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
     logging.getLogger().addHandler(handler)
-    if rank != 0:  # Only rank 0 talks on the console; every rank keeps its own file.
+    if rank != 0:
         for h in logging.getLogger().handlers:
             if h is not handler and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
                 h.setLevel(logging.WARNING)
 
 
-def _save_config(cfg: DictConfig, run_dir: str) -> None:
-    from runner.storage.local import atomic_write
-
+def save_config(cfg: DictConfig, run_dir: str) -> None:
+    """``.hydra/config.yaml`` and ``overrides.yaml``, secrets redacted (runner writes them, not Hydra)."""
     folder = os.path.join(run_dir, ".hydra")
     container = redact(OmegaConf.to_container(cfg, resolve=True))
     atomic_write(os.path.join(folder, "config.yaml"), OmegaConf.to_yaml(OmegaConf.create(container)).encode())
     overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-    # NOTE: the whole override is searched, not just its key: `storage.client_kwargs={api_token: x}`.
-    safe = [o if not _SECRET.search(o) else f"{o.split('=', 1)[0]}={REDACTED}" for o in overrides]
-    atomic_write(os.path.join(folder, "overrides.yaml"), OmegaConf.to_yaml(OmegaConf.create(safe)).encode())
+    safe = OmegaConf.to_yaml(OmegaConf.create(redact_overrides(overrides)))
+    atomic_write(os.path.join(folder, "overrides.yaml"), safe.encode())
 
 
-def run(cfg: DictConfig) -> float:
-    run_dir = HydraConfig.get().runtime.output_dir if HydraConfig.initialized() else os.path.join("outputs", cfg.name)
-    env = distributed.detect()
-    try:
-        validate(cfg)
-        trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
-        device = pick_device(trainer.device, env.local_rank)
-        check_precision(trainer.precision, device)
-        build.check_targets(cfg)
-    except Exception:
-        remove_if_empty(run_dir, os.getcwd())
-        raise
-    name = str(cfg.name)
-    if trainer.max_steps == 0:
-        remove_if_empty(run_dir, os.getcwd())
-        log.info("run %r: config valid; trainer.max_steps=0 (dry run), so nothing to train", name)
-        return float("nan")
-    plugin = build.build_storage(cfg)
-
-    plan = find_resume(trainer, run_dir, plugin, name)
-    os.makedirs(run_dir, exist_ok=True)
-    remote = plugin.remote(name) if plan.checked and trainer.resume.strip() != "none" else None
-    if remote is not None:
-        # NOTE: before this rank opens its log file, and before rank 0 opens metrics.jsonl and TensorBoard: a
-        # resumed process appends to the history it fetched, so the first sync cannot overwrite it.
-        try:
-            history.fetch(remote, run_dir, env.rank, replace=bool(plan.remote))
-        except history.HistoryError:
-            remove_if_empty(run_dir, os.getcwd())
-            raise
-    # NOTE: before the download and the resume message, so a requeued job's own log file says where it
-    # continued from.
-    _add_log_file(run_dir, env.rank)
-    if env.rank == 0:
-        _save_config(cfg, run_dir)
-
-    if trainer.threads:
-        torch.set_num_threads(trainer.threads)
-    distributed.init(env, device, trainer.dist_timeout_s)
-    folder = os.path.join(run_dir, CKPT_DIR)
-    if env.rank == 0:
-        clean_partial(folder)
-        if trainer.resume.strip() == "none":
-            _set_aside(run_dir)
-
-    def announce(ref: CheckpointRef) -> None:
-        if env.rank == 0:
-            log.info(
-                "run %r: resuming from step %d (checkpoint %s). To start fresh instead: trainer.resume=none "
-                "or another name=...",
-                name,
-                ref.step,
-                ref.source,
-            )
-
-    try:
-        parts, state, ref = load_newest(plan, folder, lambda: _build_state(cfg, trainer, device), announce)
-    except BaseException:
-        distributed.shutdown(together=False)
-        raise
-    if env.rank == 0 and ref is None:
-        log.info("run %r: starting fresh in %s", name, run_dir)
-    if ref is not None:  # NOTE: every rank, in its own log file: each says what it loaded
-        log.info("loaded checkpoint at step %d", state.step)
-    world, rank = distributed.world_size(), distributed.rank()
-    global_batch = trainer.batch_size * world * trainer.grad_accum_steps
-    eval_batch = trainer.eval_batch_size or 2 * trainer.batch_size
-    log.info(
-        "model %s: %.2fM parameters; global batch %d = %d per rank x %d ranks x %d accumulation; "
-        "eval batch %d per rank; device %s",
-        cfg.model.get("_target_"),
-        sum(p.numel() for p in parts.model.parameters()) / 1e6,
-        global_batch,
-        trainer.batch_size,
-        world,
-        trainer.grad_accum_steps,
-        eval_batch,
-        device,
-    )
-    # Rank 0 mirrors the run directory; local retention waits for each checkpoint to be confirmed there.
-    syncer = None
-    if env.rank == 0:
-        protect = {ref.step} if ref is not None else set()
-        syncer = sync.for_run(plugin, name, run_dir, trainer.keep_latest_k, protect, owner=config_hash(cfg))
-        if syncer is not None and not plan.checked:
-            syncer.guard(resumed_step=ref.step if ref is not None else None)
-    ckpt = Checkpointer(run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None)
-    _maybe_async(ckpt, trainer, env.world_size, device)
-    if syncer is not None:
-        log.info("syncing %s to %s every %.0fs", run_dir, syncer.remote.url, syncer.every_s)
-        syncer.start()
-    # NOTE: after init, so a signal during the rendezvous is still seen at the first step boundary.
-    preemption = Preemption.install(env.rank)
-    requeue: Preemption | None = None
-    clean = False  # set on every normal return: ranks then leave the process group together
-    # NOTE: on the requeue signal fit() saves and returns; the final blocking sync in `finally` below
-    # then runs before the job is handed back to SLURM.
-    sink = None
-    forward: torch.nn.Module | None = None
-    try:
-        if state.step >= trainer.max_steps:
-            top1 = state.last_eval.get("top1", float("nan"))
-            log.info(
-                "run %r is already complete at step %d (eval top-1 %.2f%%); nothing to do",
-                name,
-                state.step,
-                100 * top1,
-            )
-            clean = True
-            return float(top1)
-
-        if rank == 0:
-            history.rewind(run_dir, state.step)
-        # NOTE: TensorBoard hides events of replayed steps from earlier event files (its purge_step).
-        sink = make_sink(run_dir, rank, purge_step=state.step + 1)
-        forward = parts.model
-        if trainer.compile:
-            forward = torch.compile(forward)  # type: ignore[assignment]
-        if world > 1:
-            forward = torch.nn.parallel.DistributedDataParallel(
-                forward, device_ids=[device.index] if device.type == "cuda" else None
-            )
-        evals = eval_loader(parts.data.eval, eval_batch, rank, world, parts.data.num_workers)
-        hooks = Hooks(
-            save=ckpt.save,
-            check=ckpt.check,
-            wait=ckpt.wait,
-            before_update=ckpt.fence,
-            should_stop=preemption.requested if preemption else Hooks.should_stop,
-        )
-        if syncer is not None:
-            hooks.after_save = _sync_metrics(syncer, state, sink)
-        started = time.perf_counter()
-        outcome = fit(
-            state,
-            forward,
-            parts.schedule,
-            evals,
-            trainer,
-            device,
-            sink,
-            hooks,
-            global_batch,
-            show_progress=rank == 0,
-        )
-        if outcome.stopped_early:
-            log.warning("run %r: checkpoint saved at step %d on the requeue signal", name, outcome.step)
-            requeue, clean = preemption, True
-            return float("nan")  # Not reached on SLURM: the requeue below ends the process.
-        top1 = outcome.last_eval.get("top1", float("nan"))
-        chance = 1.0 / parts.data.num_classes
-        log.info(
-            "finished at step %d in %.1fs: eval top-1 %.2f%% (chance %.2f%%), loss %.4f",
-            outcome.step,
-            time.perf_counter() - started,
-            100 * top1,
-            100 * chance,
-            outcome.last_eval.get("loss", 0.0),
-        )
-        sink.hparams(_hparams(cfg), {"top1": top1, "loss": outcome.last_eval.get("loss", float("nan"))})
-        clean = True
-        return float(top1)
-    finally:
-        try:
-            _close_checkpointer(ckpt)  # NOTE: first, so the final sync uploads the last checkpoint.
-        finally:
-            if sink is not None:
-                sink.close()  # NOTE: before the final sync, so the remote gets complete event files.
-            # NOTE: in a finally block sys.exc_info() is the exception in flight, if any: with one, a failed
-            # final sync is logged and the original error propagates; without, it raises (exit non-zero).
-            try:
-                sync.finish(syncer, failed=sys.exc_info()[0] is not None, on_done=ckpt.retire)
-            finally:
-                # NOTE: drop the DDP wrapper while the process group is still registered. If its Reducer
-                # held the last reference, the gloo group would be destroyed inside the Reducer's dealloc
-                # with the GIL held, while a gloo worker thread waits for the GIL to free a finished work's
-                # tensor: a deadlock seen as a rank that never exits after "finished".
-                forward = None
-                distributed.shutdown(together=clean)
-        if requeue is not None:
-            # Every rank saved the checkpoint above (committed: the checkpointer was closed) and rank 0
-            # synced it; hand the job back to SLURM.
-            requeue.requeue()
-        elif preemption is not None:
-            preemption.restore()
-
-
-def _build_state(cfg: DictConfig, trainer: TrainerConfig, device: torch.device) -> tuple[build.Parts, TrainState]:
-    """The run's parts and a fresh training state, seeded: the same every time it is called."""
-    torch.manual_seed(trainer.seed)
-    parts = build.build(cfg, device)
-    rank, world = distributed.rank(), distributed.world_size()
-    # Different ranks draw different RNG streams (dropout etc.); model init above was identical.
-    torch.manual_seed(trainer.seed + rank)
-    stream = TrainStream(
-        parts.data.train,
-        trainer.batch_size,
-        trainer.seed,
-        rank,
-        world,
-        parts.data.num_workers,
-        pin=device.type == "cuda",
-    )
-    scaler = torch.amp.GradScaler(device.type) if trainer.precision == "amp_fp16" else None
-    return parts, TrainState(parts.model, parts.optimizer, stream, scaler)
-
-
-def _sync_metrics(syncer: sync.Syncer, state: TrainState, sink: Sink) -> Callable[[str], None]:
-    """After each checkpoint: the syncer's lag, bytes and throughput as ``sync/*`` scalars."""
-    return lambda path: sink.log(state.step, syncer.metrics(), prefix="sync")
-
-
-def _maybe_async(ckpt: Checkpointer, trainer: TrainerConfig, world: int, device: torch.device) -> None:
-    from runner.checkpoint.async_save import async_possible
-
-    if not trainer.async_ckpt:
-        return
-    if not async_possible(world):
-        log.info("trainer.async_ckpt: %d ranks, so checkpoints are written synchronously", world)
-        return
-    # NOTE: fit() calls ckpt.fence() before each optimizer step, so copies may be deferred to the worker.
-    ckpt.enable_async(trainer.ckpt_in_flight, pin=device.type == "cuda", defer_copy=True)
-
-
-def _close_checkpointer(ckpt: Checkpointer) -> None:
-    """Let the save in flight commit. NOTE: in a ``finally``: with an error already propagating, a failed
-    background save is logged (the original error wins); otherwise it is raised (exit non-zero)."""
-    if sys.exc_info()[0] is None:
-        ckpt.close()
-        return
-    try:
-        ckpt.close()
-    except Exception as e:
-        log.error("the checkpoint in flight failed too: %s", e)
-
-
-def _set_aside(run_dir: str) -> None:
-    """``trainer.resume=none`` in a used run directory: keep the old checkpoints and metrics, renamed."""
+def set_aside(run_dir: str) -> None:
+    """``trainer.resume=none`` in a used run directory: keep the old checkpoints, metrics and events, renamed."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for name in (CKPT_DIR, history.METRICS, "tb"):
         old = os.path.join(run_dir, name)
@@ -340,7 +327,8 @@ def _set_aside(run_dir: str) -> None:
             log.warning("trainer.resume=none: moved the previous %s to %s", name, new)
 
 
-def _hparams(cfg: DictConfig) -> dict[str, Any]:
+def hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The hyperparameters TensorBoard's HParams view compares (secrets redacted)."""
     flat: dict[str, Any] = {}
     for section in ("model", "opt", "sched", "trainer"):
         node = redact(OmegaConf.to_container(cfg[section], resolve=True))

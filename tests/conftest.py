@@ -56,6 +56,14 @@ def run_cli(
 TINY = ["+debug=tiny"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def installed() -> None:
+    """What the entry point does before composing: schemas, resolvers, the YAML alias guard."""
+    from runner.config import install
+
+    install()
+
+
 @pytest.fixture
 def workdir(tmp_path: Path) -> Path:
     return tmp_path

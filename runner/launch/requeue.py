@@ -5,11 +5,11 @@ requeues the job *from inside the signal handler*, that is, in the middle of wha
 was in, and only on global rank 0 (other ranks just log the signal). Training state cannot be saved from
 there: every rank must take part in the checkpoint. So :class:`Preemption` replaces that handler with
 one that only sets a flag; the loop reads the flag at its next step boundary (``Hooks.should_stop``),
-all ranks agree through a collective, save a checkpoint at the current step, and then
-:meth:`Preemption.requeue` runs the ``before_requeue`` callbacks (final storage sync), and global rank 0
-hands over to submitit's original handler, which calls the launcher's ``checkpoint()`` (it resubmits
-the same Hydra job into the same run directory) and runs ``scontrol requeue``. The requeued job finds
-the checkpoint through ``trainer.resume=auto``.
+all ranks agree through a collective and save a checkpoint at the current step, the run closes its
+resources (the checkpoint commits, the final storage sync uploads it: see :func:`runner.run.run`), and
+then :meth:`Preemption.requeue` has global rank 0 hand over to submitit's original handler, which calls the
+launcher's ``checkpoint()`` (it resubmits the same Hydra job into the same run directory) and runs
+``scontrol requeue``. The requeued job finds the checkpoint through ``trainer.resume=auto``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
@@ -41,10 +40,6 @@ class Preemption:
         self.original = original
         self.rank = rank
         self.received_at: float | None = None
-        #: Called (on every rank, in order) after the checkpoint and before the requeue: e.g. a final
-        #: blocking sync of the run directory to remote storage. Rank-specific work is the callback's
-        #: business (the storage sync runs on rank 0 only, like every other shared write).
-        self.before_requeue: list[Callable[[], None]] = []
 
     @classmethod
     def install(cls, rank: int) -> Preemption | None:
@@ -75,14 +70,12 @@ class Preemption:
         return self.received_at is not None
 
     def requeue(self) -> None:
-        """After the checkpoint: callbacks, then rank 0 requeues through submitit; never returns normally.
+        """Once the checkpoint is committed and synced: rank 0 requeues through submitit; never returns normally.
 
         Rank 0 exits inside submitit's handler (or raises its ``UncompletedJobError`` when the job has
         been requeued too many times). Other ranks must not report a result (submitit would read an
         unfinished run's return value), so they wait for the requeue to stop them.
         """
-        for callback in self.before_requeue:
-            callback()
         if self.rank == 0:
             log.warning("checkpoint saved; requeueing through submitit")
             self.original(self.signum, None)

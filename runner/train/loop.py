@@ -117,143 +117,207 @@ def evaluate(
     return {"loss": loss_sum / count, "top1": correct / count}
 
 
-def fit(
-    state: TrainState,
-    forward: nn.Module,
-    schedule: Schedule,
-    eval_batches: Iterable[Any],
-    cfg: TrainerConfig,
-    device: torch.device,
-    sink: Sink,
-    hooks: Hooks,
-    global_batch: int,
-    show_progress: bool = True,
-) -> Outcome:
-    """Train ``state`` from ``state.step`` to ``cfg.max_steps``; returns where it stopped and the last eval."""
-    model, optimizer, scaler = state.model, state.optimizer, state.scaler
-    params = [p for p in model.parameters() if p.requires_grad]
-    ddp = isinstance(forward, nn.parallel.DistributedDataParallel)
-    model.train()
+@dataclass
+class Context:
+    """Where the loop runs and where its results go (everything but the state and the config)."""
 
-    loss_sum = torch.tensor(float(state.window.get("loss_sum", 0.0)), dtype=torch.float32, device=device)
-    step_loss = torch.zeros((), dtype=torch.float32, device=device)  # reused: no allocation per step
-    count = int(state.window.get("count", 0))
-    timing = {"step": 0.0, "data": 0.0}
-    last_norm: torch.Tensor | None = None
+    device: torch.device
+    #: Samples per optimizer step over all ranks (for samples/s).
+    global_batch: int
+    sink: Sink
+    hooks: Hooks = field(default_factory=Hooks)
+    #: Progress bars (rank 0 only).
+    show_progress: bool = True
 
-    bar = tqdm(
-        total=cfg.max_steps,
-        initial=state.step,
-        disable=not show_progress,
-        dynamic_ncols=True,
-        mininterval=1.0,
-        desc="train",
-        unit="step",
-    )
-    outcome = Outcome(step=state.step, last_eval=dict(state.last_eval))
-    try:
-        while state.step < cfg.max_steps:
-            _check(hooks, cfg)
-            started = time.perf_counter()
-            set_lr(optimizer, schedule(state.step))
-            step_loss.zero_()
-            for micro in range(cfg.grad_accum_steps):
-                waited = time.perf_counter()
-                images, labels = next(state.data)
-                timing["data"] += time.perf_counter() - waited
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                last_micro = micro == cfg.grad_accum_steps - 1
-                no_sync = cast(Any, forward).no_sync() if ddp and not last_micro else contextlib.nullcontext()
-                with no_sync:
-                    with autocast(device, cfg.precision):
-                        logits = forward(images)
-                    loss = F.cross_entropy(logits.float(), labels) / cfg.grad_accum_steps
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                step_loss += loss.detach()
 
-            hooks.before_update()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip_norm > 0:
-                last_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip_norm)
-            finite = _finite(step_loss, last_norm if cfg.grad_clip_norm > 0 else None, params, scaler is not None)
-            if not finite:
-                optimizer.zero_grad(set_to_none=True)
-                if cfg.on_nonfinite == "stop":
-                    _stop_nonfinite(state, step_loss, hooks, loss_sum, count)
-                state.skipped_steps += 1
-                log.warning(
-                    "step %d: non-finite loss or gradients (loss %s); update skipped, %d skipped so far "
-                    "(trainer.on_nonfinite=skip)",
-                    state.step + 1,
-                    float(step_loss),
-                    state.skipped_steps,
-                )
-            elif scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            # A skipped step still consumes its batch and its place in the schedule, so step counts,
-            # cadences and the data position stay those of an uninterrupted run.
-            state.step += 1
-            if finite:  # the logged mean loss is over the steps that updated the weights
-                loss_sum += step_loss
-                count += 1
-            timing["step"] += time.perf_counter() - started
-            final = state.step >= cfg.max_steps
+@dataclass
+class _Window:
+    """Running sums between two log steps; ``loss_sum`` and ``count`` are saved with a checkpoint, so a
+    resumed run logs the same values as an uninterrupted one."""
 
-            if state.step % cfg.log_every == 0 or final:
-                norm = last_norm if last_norm is not None else grad_norm(params)
-                # NOTE: a collective at log steps only (same steps on every rank): the logged loss is the
-                # global batch's, so a 2-rank run logs the same curve as one process with the whole batch.
-                mean_loss = (distributed.all_mean(loss_sum) / max(count, 1)).item()
-                step_time = timing["step"] / max(count, 1)
-                values = {
-                    "loss": mean_loss,
-                    "lr": float(optimizer.param_groups[0]["lr"]),
-                    "grad_norm": float(norm),
-                    "samples_per_s": global_batch / step_time if step_time > 0 else 0.0,
-                    "step_time_s": step_time,
-                    "data_wait_frac": timing["data"] / timing["step"] if timing["step"] > 0 else 0.0,
-                    "skipped_steps": float(state.skipped_steps),
-                }
-                sink.log(state.step, values)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", sps=_rate(values["samples_per_s"]), refresh=False)
-                if not math.isfinite(mean_loss):
-                    log.warning("step %d: loss is %s", state.step, mean_loss)
-                loss_sum.zero_()
-                count = 0
-                timing = {"step": 0.0, "data": 0.0}
-            optimizer.zero_grad(set_to_none=True)
+    loss_sum: torch.Tensor
+    count: int = 0
+    step_s: float = 0.0
+    data_s: float = 0.0
 
-            if state.step % cfg.eval_every == 0 or final:
-                outcome.last_eval = evaluate(
-                    model, eval_batches, device, cfg.precision, cfg.eval_batches, show_progress=show_progress
-                )
-                state.last_eval = dict(outcome.last_eval)
-                sink.log(state.step, outcome.last_eval, prefix="eval")
-                log.info(
-                    "step %d: eval loss %.4f, top-1 %.2f%%",
-                    state.step,
-                    outcome.last_eval["loss"],
-                    100 * outcome.last_eval["top1"],
-                )
+    def saved(self) -> dict[str, Any]:
+        return {"loss_sum": float(self.loss_sum.item()), "count": self.count}
 
-            stop = distributed.any_true(hooks.should_stop())
-            if state.step % cfg.ckpt_every == 0 or final or stop:
-                state.window = {"loss_sum": float(loss_sum.item()), "count": count}
-                _save(state, hooks, cfg, last=final or stop)
-            bar.update(1)
-            outcome.step = state.step
-            if stop and not final:
-                log.warning("stopping at step %d on request (checkpoint saved)", state.step)
-                outcome.stopped_early = True
-                break
-    finally:
-        bar.close()
-    return outcome
+
+class Loop:
+    """``fit()`` trains ``state`` to ``cfg.max_steps``: per step :meth:`train_step`, then the cadences
+    (:meth:`maybe_log`, :meth:`maybe_eval`, :meth:`maybe_save`). ``forward`` is what the loss is computed
+    with (the model, possibly compiled or DDP-wrapped); ``state.model`` is what gets clipped and evaluated."""
+
+    def __init__(
+        self,
+        state: TrainState,
+        forward: nn.Module,
+        schedule: Schedule,
+        evals: Iterable[Any],
+        cfg: TrainerConfig,
+        ctx: Context,
+    ) -> None:
+        self.state, self.forward, self.schedule, self.evals, self.cfg, self.ctx = (
+            state,
+            forward,
+            schedule,
+            evals,
+            cfg,
+            ctx,
+        )
+        self.params = [p for p in state.model.parameters() if p.requires_grad]
+        self.ddp = isinstance(forward, nn.parallel.DistributedDataParallel)
+        device = ctx.device
+        self.window = _Window(
+            torch.tensor(float(state.window.get("loss_sum", 0.0)), dtype=torch.float32, device=device),
+            int(state.window.get("count", 0)),
+        )
+        self.step_loss = torch.zeros((), dtype=torch.float32, device=device)  # reused: no allocation per step
+        self.last_norm: torch.Tensor | None = None
+        self.outcome = Outcome(step=state.step, last_eval=dict(state.last_eval))
+
+    def fit(self) -> Outcome:
+        """Train from ``state.step`` to ``cfg.max_steps``; returns where it stopped and the last eval."""
+        state, cfg = self.state, self.cfg
+        state.model.train()
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=state.step,
+            disable=not self.ctx.show_progress,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            desc="train",
+            unit="step",
+        )
+        try:
+            while state.step < cfg.max_steps:
+                _check(self.ctx.hooks, cfg)
+                started = time.perf_counter()
+                finite = self.train_step()
+                # A skipped step still consumes its batch and its place in the schedule, so step counts,
+                # cadences and the data position stay those of an uninterrupted run.
+                state.step += 1
+                if finite:  # the logged mean loss is over the steps that updated the weights
+                    self.window.loss_sum += self.step_loss
+                    self.window.count += 1
+                self.window.step_s += time.perf_counter() - started
+                final = state.step >= cfg.max_steps
+                self.maybe_log(final, bar)
+                state.optimizer.zero_grad(set_to_none=True)
+                self.maybe_eval(final)
+                stop = distributed.any_true(self.ctx.hooks.should_stop())
+                self.maybe_save(final, stop)
+                bar.update(1)
+                self.outcome.step = state.step
+                if stop and not final:
+                    log.warning("stopping at step %d on request (checkpoint saved)", state.step)
+                    self.outcome.stopped_early = True
+                    break
+        finally:
+            bar.close()
+        return self.outcome
+
+    def train_step(self) -> bool:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; False if it was skipped (non-finite)."""
+        state, cfg, hooks = self.state, self.cfg, self.ctx.hooks
+        optimizer, scaler = state.optimizer, state.scaler
+        set_lr(optimizer, self.schedule(state.step))
+        self.step_loss.zero_()
+        for micro in range(cfg.grad_accum_steps):
+            self.step_loss += self.forward_backward(last_micro=micro == cfg.grad_accum_steps - 1)
+        hooks.before_update()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        if cfg.grad_clip_norm > 0:
+            self.last_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip_norm)
+        norm = self.last_norm if cfg.grad_clip_norm > 0 else None
+        if not _finite(self.step_loss, norm, self.params, scaler is not None):
+            self._skip_nonfinite()
+            return False
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        return True
+
+    def forward_backward(self, last_micro: bool) -> torch.Tensor:
+        """Loss of the next micro-batch (scaled by the accumulation), backpropagated; DDP all-reduces the
+        gradients on the last micro-batch only."""
+        cfg, device = self.cfg, self.ctx.device
+        waited = time.perf_counter()
+        images, labels = next(self.state.data)
+        self.window.data_s += time.perf_counter() - waited
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        no_sync = cast(Any, self.forward).no_sync() if self.ddp and not last_micro else contextlib.nullcontext()
+        with no_sync:
+            with autocast(device, cfg.precision):
+                logits = self.forward(images)
+            loss = F.cross_entropy(logits.float(), labels) / cfg.grad_accum_steps
+            scaler = self.state.scaler
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.detach()
+
+    def _skip_nonfinite(self) -> None:
+        """``trainer.on_nonfinite``: stop (save the last good state, raise) or skip this update."""
+        state = self.state
+        state.optimizer.zero_grad(set_to_none=True)
+        if self.cfg.on_nonfinite == "stop":
+            _stop_nonfinite(state, self.step_loss, self.ctx.hooks, self.window)
+        state.skipped_steps += 1
+        log.warning(
+            "step %d: non-finite loss or gradients (loss %s); update skipped, %d skipped so far "
+            "(trainer.on_nonfinite=skip)",
+            state.step + 1,
+            float(self.step_loss),
+            state.skipped_steps,
+        )
+
+    def maybe_log(self, final: bool, bar: Any) -> None:
+        """Every ``log_every`` steps (and the last): the window's mean loss and rates to the sink."""
+        state, window = self.state, self.window
+        if not (state.step % self.cfg.log_every == 0 or final):
+            return
+        norm = self.last_norm if self.last_norm is not None else grad_norm(self.params)
+        # NOTE: a collective at log steps only (same steps on every rank): the logged loss is the global
+        # batch's, so a 2-rank run logs the same curve as one process with the whole batch.
+        mean_loss = (distributed.all_mean(window.loss_sum) / max(window.count, 1)).item()
+        step_time = window.step_s / max(window.count, 1)
+        values = {
+            "loss": mean_loss,
+            "lr": float(state.optimizer.param_groups[0]["lr"]),
+            "grad_norm": float(norm),
+            "samples_per_s": self.ctx.global_batch / step_time if step_time > 0 else 0.0,
+            "step_time_s": step_time,
+            "data_wait_frac": window.data_s / window.step_s if window.step_s > 0 else 0.0,
+            "skipped_steps": float(state.skipped_steps),
+        }
+        self.ctx.sink.log(state.step, values)
+        bar.set_postfix(loss=f"{mean_loss:.4f}", sps=_rate(values["samples_per_s"]), refresh=False)
+        if not math.isfinite(mean_loss):
+            log.warning("step %d: loss is %s", state.step, mean_loss)
+        window.loss_sum.zero_()
+        window.count, window.step_s, window.data_s = 0, 0.0, 0.0
+
+    def maybe_eval(self, final: bool) -> None:
+        """Every ``eval_every`` steps (and the last): evaluate, log, remember it in the state."""
+        state, cfg = self.state, self.cfg
+        if not (state.step % cfg.eval_every == 0 or final):
+            return
+        show = self.ctx.show_progress
+        result = evaluate(state.model, self.evals, self.ctx.device, cfg.precision, cfg.eval_batches, show)
+        self.outcome.last_eval = result
+        state.last_eval = dict(result)
+        self.ctx.sink.log(state.step, result, prefix="eval")
+        log.info("step %d: eval loss %.4f, top-1 %.2f%%", state.step, result["loss"], 100 * result["top1"])
+
+    def maybe_save(self, final: bool, stop: bool) -> None:
+        """Every ``ckpt_every`` steps, at the end, and when asked to stop: a checkpoint (see :func:`_save`)."""
+        if self.state.step % self.cfg.ckpt_every == 0 or final or stop:
+            self.state.window = self.window.saved()
+            _save(self.state, self.ctx.hooks, self.cfg, last=final or stop)
 
 
 def _rate(per_s: float) -> str:
@@ -283,9 +347,7 @@ def _finite(step_loss: torch.Tensor, norm: torch.Tensor | None, params: list[nn.
     return not distributed.any_true(bool(bad.item()))
 
 
-def _stop_nonfinite(
-    state: TrainState, step_loss: torch.Tensor, hooks: Hooks, loss_sum: torch.Tensor, count: int
-) -> None:
+def _stop_nonfinite(state: TrainState, step_loss: torch.Tensor, hooks: Hooks, window: _Window) -> None:
     """``trainer.on_nonfinite=stop``: the weights are still those of the last good step; save them and stop.
 
     The saved data position is past the offending batch, so a resume does not replay it.
@@ -297,7 +359,7 @@ def _stop_nonfinite(
         float(step_loss),
         state.step,
     )
-    state.window = {"loss_sum": float(loss_sum.item()), "count": count}
+    state.window = window.saved()
     path = hooks.save(state)
     hooks.after_save(path)
     raise RunStopped(

@@ -18,7 +18,7 @@ from runner.checkpoint.load import read_tensors
 from runner.checkpoint.save import Checkpointer
 from runner.config import TrainerConfig
 from runner.storage import LocalStorage
-from runner.train.loop import Hooks, fit
+from runner.train.loop import Context, Hooks, Loop
 from runner.train.metrics import NullSink
 from runner.train.optim import ConstSchedule
 from tests.unit.test_checkpoint import make_state, train_steps
@@ -100,18 +100,14 @@ def test_background_failure_is_raised_on_the_training_thread(tmp_path: Path) -> 
     state = make_state()
     cfg = TrainerConfig(max_steps=8, batch_size=8, log_every=2, eval_every=100, ckpt_every=2, eval_batches=1)
     with pytest.raises(CheckpointError, match="disk full at step 2"):
-        fit(
+        Loop(
             state,
             state.model,
             ConstSchedule(base_lr=1e-3, total_steps=8),
             [],
             cfg,
-            torch.device("cpu"),
-            NullSink(),
-            Hooks(save=ckpt.save, check=ckpt.check),
-            global_batch=8,
-            show_progress=False,
-        )
+            Context(torch.device("cpu"), 8, NullSink(), Hooks(save=ckpt.save, check=ckpt.check), show_progress=False),
+        ).fit()
     # Raised at the next step boundary, or at the latest by the next save (step 4): never lost.
     assert state.step <= 4
     ckpt.close()  # the failure was consumed by the raise above
@@ -201,18 +197,14 @@ def test_final_save_of_fit_is_committed_when_fit_returns(tmp_path: Path) -> None
     ckpt.enable_async()
     state = make_state()
     cfg = TrainerConfig(max_steps=4, batch_size=8, log_every=2, eval_every=100, ckpt_every=2, eval_batches=1)
-    fit(
+    Loop(
         state,
         state.model,
         ConstSchedule(base_lr=1e-3, total_steps=4),
         [],
         cfg,
-        torch.device("cpu"),
-        NullSink(),
-        Hooks(save=ckpt.save, check=ckpt.check),
-        global_batch=8,
-        show_progress=False,
-    )
+        Context(torch.device("cpu"), 8, NullSink(), Hooks(save=ckpt.save, check=ckpt.check), show_progress=False),
+    ).fit()
     assert Path(ckpt.folder_of(4), MANIFEST).exists()
     ckpt.close()
 

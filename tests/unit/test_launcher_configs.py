@@ -8,12 +8,12 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import runner.__main__ as entry
+from runner.__main__ import CONFIG_DIR
 from runner.launch.pool import Devices, PoolConfigError, pin_env, plan
 
 
 def _hydra(overrides: Sequence[str]) -> DictConfig:
-    with initialize_config_dir(config_dir=entry.CONFIG_DIR, version_base="1.3"):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=True).hydra
 
 
