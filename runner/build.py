@@ -27,7 +27,6 @@ class Parts:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     data: Splits
-    storage: StoragePlugin
 
 
 def check_targets(cfg: DictConfig) -> None:
@@ -79,7 +78,9 @@ def build_schedule(cfg: DictConfig) -> Schedule:
 
 
 def build(cfg: DictConfig, device: torch.device | None = None) -> Parts:
-    """Build every part; the caller seeds torch first so model initialisation is reproducible."""
+    """Build the training parts; the caller seeds torch first so model initialisation is reproducible.
+    (Storage is built once per run, by :func:`build_storage`: it is not rebuilt when a corrupt checkpoint
+    makes the run build its parts again.)"""
     data = build_data(cfg)
     model = build_model(cfg).to(device or torch.device("cpu"))
     return Parts(
@@ -87,5 +88,4 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Parts:
         optimizer=build_optimizer(cfg, model),
         schedule=build_schedule(cfg),
         data=data,
-        storage=build_storage(cfg),
     )
