@@ -681,8 +681,9 @@ def check_tensor_layout(metadata: Any, dest: dict[str, Any], where: str) -> None
                 )
 
 
-def read_tensors(path: str) -> dict[str, torch.Tensor]:
-    """Every tensor of a local checkpoint folder by its flattened key (for tests, reports, export)."""
+def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor of a local checkpoint folder whose flattened key starts with ``prefix``, whole (shards of
+    a sharded checkpoint joined), in one process without a process group: for export, reports and tests."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     reader = SafeReader(path)
@@ -690,7 +691,7 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
     dest = {
         key: torch.empty(meta.size, dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata)
+        if isinstance(meta, TensorStorageMetadata) and key.startswith(prefix)
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

@@ -127,16 +127,18 @@ def newest_valid(storage: Storage) -> CheckpointRef | None:
     return next(valid_refs(storage), None)
 
 
-def ref_at(storage: Storage, path: str, checksums: bool = True) -> CheckpointRef:
-    """An explicitly named checkpoint (``trainer.resume=<path>``): invalid is an error, not a skip."""
+def ref_at(storage: Storage, path: str, checksums: bool = True, named: str = "trainer.resume=") -> CheckpointRef:
+    """An explicitly named checkpoint (``trainer.resume=<path>``, or ``named`` + path for another command):
+    invalid is an error, not a skip."""
+    where = f"{named}{storage.url(path)}"
     if not storage.exists(path):
+        hint = ", or use trainer.resume=auto" if named == "trainer.resume=" else ""
         raise CheckpointError(
-            f"trainer.resume={storage.url(path)}: no such checkpoint (nothing at that path); name a step_<N> "
-            "folder of a run's checkpoints, or use trainer.resume=auto"
+            f"{where}: no such checkpoint (nothing at that path); name a step_<N> folder of a run's checkpoints{hint}"
         )
     manifest, reason = verify(storage, path, checksums)
     if manifest is None:
-        raise CheckpointError(f"trainer.resume={storage.url(path)} is not a valid checkpoint: {reason}")
+        raise CheckpointError(f"{where} is not a valid checkpoint: {reason}")
     return CheckpointRef(int(manifest["step"]), storage, path, manifest)
 
 
