@@ -77,12 +77,16 @@ def build_schedule(cfg: DictConfig) -> Schedule:
     return instantiate(cfg.sched, base_lr=float(cfg.opt.lr), total_steps=int(cfg.trainer.max_steps))
 
 
-def build(cfg: DictConfig, device: torch.device | None = None) -> Parts:
+def build(
+    cfg: DictConfig, device: torch.device | None = None, prepare: Callable[[nn.Module], nn.Module] = lambda m: m
+) -> Parts:
     """Build the training parts; the caller seeds torch first so model initialisation is reproducible.
     (Storage is built once per run, by :func:`build_storage`: it is not rebuilt when a corrupt checkpoint
     makes the run build its parts again.)"""
     data = build_data(cfg)
-    model = build_model(cfg).to(device or torch.device("cpu"))
+    # NOTE: prepare (activation checkpointing, FSDP's sharding) before the optimizer is built over the
+    # parameters: sharding replaces them.
+    model = prepare(build_model(cfg).to(device or torch.device("cpu")))
     return Parts(
         model=model,
         optimizer=build_optimizer(cfg, model),

@@ -287,6 +287,9 @@ class TrainerConfig:
     seed: int = 0
     # Wrap the model in torch.compile.
     compile: bool = False
+    # Recompute each block's activations in backward instead of keeping them (less memory, ~1/3 more
+    # compute); which modules are blocks: parallel.blocks.
+    activation_checkpointing: bool = False
     # auto (newest valid checkpoint of this run), none (start fresh) or a checkpoint path/URL.
     resume: str = "auto"
     # Torch intra-op threads (0 = torch's default).
@@ -321,6 +324,35 @@ class TrainerConfig:
         _require(bool(self.resume.strip()), "trainer.resume", "must be auto, none or a checkpoint path")
 
 
+# --------------------------------------------------------------------------- parallel
+class ParallelKind(enum.StrEnum):
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Dtype(enum.StrEnum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@dataclass
+class ParallelConfig:
+    # ddp: every rank holds the whole model, gradients are all-reduced. fsdp: parameters, gradients and
+    # optimizer state are sharded over the ranks (FSDP2 fully_shard on each block and at the root).
+    kind: ParallelKind = ParallelKind.ddp
+    # Module classes (by name) that are blocks: each is sharded as one unit (fsdp) and checkpointed as one
+    # (trainer.activation_checkpointing). Empty = the model's repeated blocks (runner's ViT: Block).
+    blocks: list[str] = field(default_factory=list)
+    # fsdp: free each block's gathered parameters after its forward (less memory, one more all-gather in
+    # backward).
+    reshard_after_forward: bool = True
+    # fsdp mixed precision: dtype of the parameters in compute, and of the gradient reduction (null = the
+    # parameters' own, fp32). Stored parameters and optimizer state stay fp32.
+    param_dtype: Dtype | None = None
+    reduce_dtype: Dtype | None = None
+
+
 # --------------------------------------------------------------------------- root
 @dataclass
 class RunConfig:
@@ -332,6 +364,7 @@ class RunConfig:
     data: Any = MISSING
     storage: StorageConfig = MISSING
     trainer: TrainerConfig = MISSING
+    parallel: ParallelConfig = MISSING
 
 
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.,=+-]*$")
@@ -355,6 +388,26 @@ def check_combinations(cfg: DictConfig) -> None:
             f"{trainer.batch_size} is larger than data.train_size={train_size}; "
             "lower trainer.batch_size (or raise trainer.grad_accum_steps) or use more data",
         )
+    parallel = cfg.get("parallel")
+    if parallel is not None and parallel.kind == "fsdp":
+        _require(
+            trainer.precision == "fp32",
+            "trainer.precision",
+            f"{trainer.precision} is autocast, which parallel=fsdp does its own way; set trainer.precision=fp32 "
+            "and parallel.param_dtype=bf16 (and parallel.reduce_dtype=fp32)",
+        )
+        _require(
+            not trainer.compile,
+            "trainer.compile",
+            "torch.compile is not supported with parallel=fsdp yet; set trainer.compile=false or parallel=ddp",
+        )
+    elif parallel is not None:
+        for key in ("param_dtype", "reduce_dtype"):
+            _require(
+                parallel[key] is None,
+                f"parallel.{key}",
+                "applies to parallel=fsdp only; with parallel=ddp use trainer.precision=bf16 (or set parallel=fsdp)",
+            )
     # NOTE: no check of sched.warmup_steps against trainer.max_steps: short smoke runs (max_steps=2)
     # of a real config are legitimate, and the schedules handle them.
 
@@ -544,6 +597,7 @@ def register_configs() -> None:
         "data": {"synthetic": SyntheticConfig, "imagefolder": ImageFolderConfig},
         "storage": {"storage": StorageConfig},
         "trainer": {"trainer": TrainerConfig},
+        "parallel": {"parallel": ParallelConfig},
     }
     for group, nodes in schemas.items():
         for name, node in nodes.items():

@@ -79,8 +79,13 @@ def pick_device(choice: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0) -> None:
-    if env.world_size <= 1 or dist.is_initialized():
+def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0, alone: bool = False) -> None:
+    """Join the job's process group. ``alone``: a one-process job that still needs a group (FSDP at world
+    size 1) gets one of its own, with an in-memory store (no port)."""
+    if dist.is_initialized() or (env.world_size <= 1 and not alone):
+        return
+    if env.world_size <= 1:
+        dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
         return
     os.environ.setdefault("MASTER_ADDR", env.master_addr)
     os.environ.setdefault("MASTER_PORT", str(env.master_port))

@@ -21,7 +21,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from runner import build, distributed, history
+from runner import build, distributed, history, parallel
 from runner.checkpoint import manifest
 from runner.checkpoint.async_save import async_possible
 from runner.checkpoint.layout import CKPT_DIR
@@ -29,7 +29,7 @@ from runner.checkpoint.manifest import CheckpointRef
 from runner.checkpoint.resume import find_resume, load_newest
 from runner.checkpoint.save import Checkpointer, clean_partial
 from runner.checkpoint.state import TrainState
-from runner.config import ConfigError, TrainerConfig
+from runner.config import ConfigError, ParallelConfig, TrainerConfig
 from runner.launch.requeue import Preemption
 from runner.naming import redact, redact_overrides, remove_if_empty
 from runner.storage.local import atomic_write
@@ -67,6 +67,7 @@ class Run:
         self.folder = os.path.join(self.run_dir, CKPT_DIR)
         self.env = distributed.detect()
         self.trainer: TrainerConfig = OmegaConf.to_object(cfg.trainer)  # type: ignore[assignment]
+        self.parallel: ParallelConfig = OmegaConf.to_object(cfg.parallel)  # type: ignore[assignment]
         self.config_hash = manifest.config_hash(
             {k: OmegaConf.to_container(cfg[k], resolve=True) for k in TRAINED}, self.trainer.seed
         )
@@ -96,7 +97,8 @@ class Run:
             save_config(self.cfg, self.run_dir)
         if self.trainer.threads:
             torch.set_num_threads(self.trainer.threads)
-        distributed.init(self.env, self.device, self.trainer.dist_timeout_s)
+        fsdp = self.parallel.kind == "fsdp"
+        distributed.init(self.env, self.device, self.trainer.dist_timeout_s, alone=fsdp)
         self.stack.push(self._leave_group)
         if self.env.rank == 0:
             clean_partial(self.folder)
@@ -160,7 +162,7 @@ class Run:
     def _build_state(self) -> tuple[build.Parts, TrainState]:
         """The run's parts and a fresh training state, seeded: the same every time it is called."""
         torch.manual_seed(self.trainer.seed)
-        parts = build.build(self.cfg, self.device)
+        parts = build.build(self.cfg, self.device, self._prepare)
         rank, world = distributed.rank(), distributed.world_size()
         # Different ranks draw different RNG streams (dropout etc.); model init above was identical.
         torch.manual_seed(self.trainer.seed + rank)
@@ -217,14 +219,21 @@ class Run:
 
     def _checkpointer(self, syncer: sync.Syncer | None) -> Checkpointer:
         uploaded = syncer.confirmed if syncer is not None else None
-        ckpt = self.ckpt = Checkpointer(self.run_dir, self.trainer.keep_latest_k, self.config_hash, uploaded=uploaded)
+        ckpt = self.ckpt = Checkpointer(
+            self.run_dir,
+            self.trainer.keep_latest_k,
+            self.config_hash,
+            uploaded=uploaded,
+            replicated=self.parallel.kind == "ddp",
+        )
         self.stack.push(self._close_checkpointer)
-        if self.trainer.async_ckpt and async_possible(distributed.world_size()):
+        # TODO(issue 13): async saves with several ranks, and of sharded (DTensor) state.
+        if self.trainer.async_ckpt and async_possible(distributed.world_size()) and self.parallel.kind == "ddp":
             # NOTE: the loop calls fence() before each optimizer step, so copies may be deferred to the worker.
             pin = self.device.type == "cuda"
             ckpt.enable_async(self.trainer.ckpt_in_flight, pin=pin, defer_copy=True)
         elif self.trainer.async_ckpt:
-            log.info("trainer.async_ckpt: %d ranks, so checkpoints are written synchronously", distributed.world_size())
+            log.info("trainer.async_ckpt: checkpoints of this run are written synchronously")
         if syncer is not None:
             syncer.start()
         return ckpt
@@ -252,7 +261,7 @@ class Run:
         sink = self.stack.enter_context(
             contextlib.closing(make_sink(self.run_dir, rank, purge_step=self.state.step + 1))
         )
-        self.forward = self._wrap(self.parts.model)
+        self.forward = parallel.wrap(self.parts.model, self.parallel, self.device, self.trainer.compile)
         hooks = Hooks(save=ckpt.save, check=ckpt.check, wait=ckpt.wait, before_update=ckpt.fence)
         if preemption is not None:
             hooks.should_stop = preemption.requested
@@ -278,15 +287,8 @@ class Run:
         sink.hparams(hparams(self.cfg), {"top1": top1, "loss": outcome.last_eval.get("loss", float("nan"))})
         return float(top1)
 
-    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What the loop calls forward on: compiled if asked, and DDP-wrapped with several ranks."""
-        forward = model
-        if self.trainer.compile:
-            forward = torch.compile(forward)  # type: ignore[assignment]
-        if distributed.world_size() > 1:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            forward = torch.nn.parallel.DistributedDataParallel(forward, device_ids=ids)
-        return forward
+    def _prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        return parallel.prepare(model, self.parallel, self.trainer.activation_checkpointing, self.device)
 
 
 def check_precision(precision: str, device: torch.device) -> None:

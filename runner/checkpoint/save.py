@@ -63,12 +63,15 @@ class Checkpointer:
         config_hash: str,
         writer_threads: int = 2,
         uploaded: Callable[[int], bool] | None = None,
+        replicated: bool = True,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.keep_latest_k = keep_latest_k
         #: With a remote: True once a step is confirmed there; until then retention keeps the local copy.
         self.uploaded = uploaded
         self.config_hash = config_hash
+        #: Every rank holds the whole model (DDP), as opposed to a shard of it (FSDP): the manifest says so.
+        self.replicated = replicated
         self.writer_threads = writer_threads
         self.folder = os.path.join(self.run_dir, CKPT_DIR)
         self._async: AsyncSaver | None = None
@@ -191,7 +194,7 @@ class Checkpointer:
     ) -> None:
         """Manifest (sizes, checksums; ``known`` gives those hashed while written), then the rename."""
         files = manifest.files_of(tmp, known)
-        body = manifest.create(step, world, self.config_hash, files, replicated=True)
+        body = manifest.create(step, world, self.config_hash, files, replicated=self.replicated)
         atomic_write(os.path.join(tmp, MANIFEST), body)
         fsync_dir(tmp)
         if os.path.exists(final):  # NOTE: a re-save of the same step (resume=none); keep old until new is in.

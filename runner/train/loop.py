@@ -19,6 +19,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from runner import distributed
@@ -66,8 +67,16 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
 
 
 def grad_norm(params: list[nn.Parameter]) -> torch.Tensor:
+    """The global gradient norm (over every rank's shard when parameters are sharded)."""
+    if any(isinstance(p.grad, DTensor) for p in params):
+        return whole(torch.nn.utils.clip_grad_norm_(params, float("inf")))  # computes, never scales
     norms = [torch.linalg.vector_norm(p.grad.detach(), dtype=torch.float32) for p in params if p.grad is not None]
     return torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a ``DTensor`` (FSDP: a norm replicated on every rank), else ``t`` itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 #: An evaluation shows a progress bar once it has taken this long (a short one stays silent).
@@ -230,7 +239,7 @@ class Loop:
         if scaler is not None:
             scaler.unscale_(optimizer)
         if cfg.grad_clip_norm > 0:
-            self.last_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip_norm)
+            self.last_norm = whole(torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip_norm))
         norm = self.last_norm if cfg.grad_clip_norm > 0 else None
         if not _finite(self.step_loss, norm, self.params, scaler is not None):
             self._skip_nonfinite()
