@@ -695,5 +695,7 @@ def read_tensors(path: str, prefix: str = "") -> dict[str, torch.Tensor]:
     }
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(dest, storage_reader=SafeReader(path), planner=SafeLoadPlanner())
+        # NOTE: no_dist: this process reads every shard itself, even where a process group exists (a rank
+        # running it alone must not enter a collective the others are not in).
+        dcp.load(dest, storage_reader=SafeReader(path), planner=SafeLoadPlanner(), no_dist=True)
     return dest

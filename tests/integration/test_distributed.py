@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,35 +14,14 @@ import torch
 
 from runner.checkpoint.load import read_tensors
 from tests.conftest import REPO, TINY, cli_env, run_cli
+from tests.helpers.dist import torchrun
+from tests.helpers.ports import free_port
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _torchrun(args: list[str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}"]
-    proc = subprocess.Popen(
-        [*cmd, "-m", "runner", *args],
-        cwd=cwd,
-        env=cli_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        raise AssertionError(f"torchrun did not finish in {timeout}s:\n{out}") from None
-    assert proc.returncode == 0, out
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+    return torchrun(["runner", *args], cwd, timeout=timeout)
 
 
 def _curve(run_dir: Path, split: str) -> list[tuple[int, float]]:
@@ -100,7 +78,7 @@ def test_torchrun_two_ranks_matches_one_process_with_the_same_global_batch(tmp_p
 
 @pytest.mark.parametrize(("phase", "failing"), [("prepare", 1), ("write", 1), ("commit", 0)])
 def test_a_rank_failing_during_a_save_makes_every_rank_raise(tmp_path: Path, phase: str, failing: int) -> None:
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = cli_env({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2"})
