@@ -182,7 +182,6 @@ def run(cfg: DictConfig) -> float:
     ckpt = Checkpointer(run_dir, trainer.keep_latest_k, config_hash(cfg), uploaded=syncer.confirmed if syncer else None)
     _maybe_async(ckpt, trainer, env.world_size, device)
     if syncer is not None:
-        log.info("syncing %s to %s every %.0fs", run_dir, syncer.remote.url, syncer.every_s)
         syncer.start()
     # NOTE: after init, so a signal during the rendezvous is still seen at the first step boundary.
     preemption = Preemption.install(env.rank)

@@ -9,7 +9,7 @@ the sizes match, the content key of the local file (the S3 ETag computed locally
 backends) decides; a same-size rewrite therefore uploads, and a checkpoint downloaded for a resume does
 not. Content keys are cached by (size, mtime) so a file is hashed at most once per change.
 
-Transfers (S3 through boto3, anything else through :class:`Storage`) live in :mod:`.transfer`.
+The remote is any :class:`~runner.storage.base.Storage` (S3 through boto3, local, any other fsspec URL).
 """
 
 from __future__ import annotations
@@ -27,9 +27,8 @@ from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.storage import checksum
-from runner.storage.base import StorageError
-from runner.storage.s3 import Remote, RemoteObject, UploadCancelled, open_remote
+from runner.storage import StorageSettings, checksum
+from runner.storage.base import Entry, RemoteUnreachable, Storage, StorageError, UploadCancelled
 
 log = logging.getLogger(__name__)
 
@@ -76,21 +75,9 @@ class PassResult:
         return not self.failed
 
 
-def _scrub(text: str) -> str:
-    """Error text with any credential from the environment blanked (botocore echoes request details)."""
-    for var in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN"):
-        value = os.environ.get(var)
-        if value and len(value) >= 4:
-            text = text.replace(value, "***")
-    return text
-
-
 def _is_unreachable(error: BaseException) -> bool:
     """Connection refused / timed out (the remote is down), as opposed to a problem with one file."""
-    names = {cls.__name__ for cls in type(error).__mro__}
-    return isinstance(error, ConnectionError | TimeoutError) or bool(
-        names & {"EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"}
-    )
+    return isinstance(error, RemoteUnreachable | ConnectionError | TimeoutError)
 
 
 def is_excluded(rel: str, patterns: list[str]) -> bool:
@@ -128,7 +115,7 @@ class Syncer:
     def __init__(
         self,
         local_dir: str,
-        remote: Remote,
+        remote: Storage,
         every_s: float = 300.0,
         exclude: list[str] | None = None,
         keep_latest_k: int = 0,
@@ -141,6 +128,7 @@ class Syncer:
     ) -> None:
         self.local_dir = os.path.abspath(local_dir)
         self.remote = remote
+        self.url = remote.url()
         self.every_s = every_s
         self.exclude = list(exclude or [])
         self.keep_latest_k = keep_latest_k
@@ -185,7 +173,7 @@ class Syncer:
         fails with :class:`SyncConflict` instead of overwriting it (and the run ends non-zero)."""
         self._guarded = -1 if resumed_step is None else resumed_step
 
-    def _check_guard(self, listing: dict[str, RemoteObject]) -> None:
+    def _check_guard(self, listing: dict[str, Entry]) -> None:
         if self._guarded is None:
             return
         newer = sorted(
@@ -197,12 +185,12 @@ class Syncer:
         if newer:
             started = "started fresh" if self._guarded < 0 else f"resumed from step {self._guarded}"
             raise SyncConflict(
-                f"{self.remote.url} holds checkpoints of this run up to step {newer[-1]} that it could not see "
+                f"{self.url} holds checkpoints of this run up to step {newer[-1]} that it could not see "
                 f"when it started (the remote was unreachable), so it {started}. Nothing is uploaded, so they "
                 f"are not overwritten; this run's files stay in {self.local_dir}. Rerun the same command to "
                 "resume from the remote's newest checkpoint, or pick another name=... to keep both"
             )
-        log.info("%s is reachable and holds no newer checkpoint of this run: syncing", self.remote.url)
+        log.info("%s is reachable and holds no newer checkpoint of this run: syncing", self.url)
         self._guarded = None
 
     # ----------------------------------------------------------------- status
@@ -214,7 +202,7 @@ class Syncer:
                 return True
             return step in self._superseded and any(c > step for c in self._confirmed)
 
-    def _superseded_steps(self, local: dict[str, os.stat_result], listing: dict[str, RemoteObject]) -> set[int]:
+    def _superseded_steps(self, local: dict[str, os.stat_result], listing: dict[str, Entry]) -> set[int]:
         """Committed local checkpoints already beyond ``keep_latest_k`` and not on the remote yet.
 
         Uploading them would only feed remote retention: when passes fall behind fast checkpoints, the
@@ -278,24 +266,24 @@ class Syncer:
         self._keys[rel] = (st.st_size, st.st_mtime_ns, key)
         return key
 
-    def _needs_upload(self, rel: str, st: os.stat_result, there: RemoteObject | None) -> bool | str:
+    def _needs_upload(self, rel: str, st: os.stat_result, there: Entry | None) -> bool | str:
         """True, False, or the remote content key to compare with once this file is hashed."""
         if there is None or there.size != st.st_size:
             return True
         seen = self._seen.get(rel)
         if seen is not None and (seen.size, seen.mtime_ns) == (st.st_size, st.st_mtime_ns):
-            if seen.key is None and there.etag is not None:
-                seen.key = there.etag  # Uploaded by us from this exact version: the listing names its key.
+            if seen.key is None and there.key is not None:
+                seen.key = there.key  # Uploaded by us from this exact version: the listing names its key.
             # A different remote key means someone replaced the object: put ours back.
-            return not (seen.key is None or there.etag is None or seen.key == there.etag)
+            return not (seen.key is None or there.key is None or seen.key == there.key)
         # Same size, different or unknown version: the content decides (hashed by the upload worker).
         remote_key = self._remote_key(rel, there)
         return True if remote_key is None else remote_key
 
-    def _remote_key(self, rel: str, there: RemoteObject) -> str | None:
+    def _remote_key(self, rel: str, there: Entry) -> str | None:
         """The content key of the remote object: listed (S3 ETag), or recorded when we uploaded it."""
         seen = self._seen.get(rel)
-        return there.etag if there.etag is not None else (seen.key if seen is not None else None)
+        return there.key if there.key is not None else (seen.key if seen is not None else None)
 
     def _holds(self, rel: str, st: os.stat_result, remote_key: Callable[[], str | None], eager: bool) -> bool:
         """True if the remote holds this version's content. ``eager``: hash before ``remote_key()`` returns
@@ -360,7 +348,7 @@ class Syncer:
         for attempt in range(self.retries):
             try:
                 key = None if self.remote.lists_content_keys else self._key(rel, st)
-                self.remote.upload(full, rel, progress, cancel)
+                self.remote.put(full, rel, progress, cancel)
                 error = ""
                 break
             except UploadCancelled:
@@ -370,7 +358,7 @@ class Syncer:
                     return None  # Deleted locally (retention) after the walk: nothing to mirror.
                 error = f"{rel}: not found on the remote side"
             except Exception as e:
-                error = f"{rel}: {type(e).__name__}: {_scrub(str(e))}"
+                error = f"{rel}: {type(e).__name__}: {e}"
                 unreachable = _is_unreachable(e)
             if cancel.is_set():
                 break
@@ -384,7 +372,7 @@ class Syncer:
             except FileNotFoundError:
                 return None  # Deleted locally (retention) after the walk: nothing to mirror.
             except Exception as e:  # The listing failed: the pass reports that.
-                error = error or f"{rel}: {type(e).__name__}: {_scrub(str(e))}"
+                error = error or f"{rel}: {type(e).__name__}: {e}"
         if not error:
             self._seen[rel] = _Seen(st.st_size, st.st_mtime_ns, key, self._uploaded_fingerprint(rel, st, fingerprinted))
             return None
@@ -528,7 +516,7 @@ class Syncer:
             else:
                 result.failed[rel] = str(outcome)
 
-    def _retain(self, listing: dict[str, RemoteObject], local: dict[str, os.stat_result], result: PassResult) -> None:
+    def _retain(self, listing: dict[str, Entry], local: dict[str, os.stat_result], result: PassResult) -> None:
         if self.keep_latest_k < 1:
             return
         present = set(listing) | set(result.uploaded)
@@ -547,13 +535,13 @@ class Syncer:
                 for rel in sorted(files, key=lambda r: not r.endswith("/" + MANIFEST)):
                     self.remote.delete(rel)
             except Exception as e:
-                result.failed[folder] = f"retention of old remote checkpoint {folder} failed: {_scrub(str(e))}"
+                result.failed[folder] = f"retention of old remote checkpoint {folder} failed: {e}"
                 continue
             with self._lock:
                 self._written.discard(step)
             self._owned.pop(step, None)
             result.deleted.append(folder)
-            log.info("retention: deleted remote checkpoint %s/%s", self.remote.url, folder)
+            log.info("retention: deleted remote checkpoint %s/%s", self.url, folder)
 
     def _of_this_run(self, step: int) -> bool:
         with self._lock:
@@ -564,7 +552,7 @@ class Syncer:
         if step not in self._owned:
             rel = f"checkpoints/step_{step}/{MANIFEST}"
             try:
-                manifest = json.loads(self.remote.read(rel))
+                manifest = json.loads(self.remote.read_bytes(rel))
                 self._owned[step] = isinstance(manifest, dict) and manifest.get("config_hash") == self.owner
             except ValueError:
                 self._owned[step] = False  # Not a manifest we can read: not ours to delete.
@@ -576,7 +564,7 @@ class Syncer:
     def _report(self, result: PassResult | None, error: str = "") -> None:
         if result is not None and result.ok:
             if self.failures:
-                log.warning("sync to %s recovered after %d failed passes", self.remote.url, self.failures)
+                log.warning("sync to %s recovered after %d failed passes", self.url, self.failures)
             self.failures, self._silenced = 0, 0
             self._last_ok = time.time()
             if result.uploaded:
@@ -584,7 +572,7 @@ class Syncer:
                     "synced %d files (%.1f MB) to %s in %.1fs",
                     len(result.uploaded),
                     result.bytes / 1e6,
-                    self.remote.url,
+                    self.url,
                     result.seconds,
                 )
             return
@@ -602,7 +590,7 @@ class Syncer:
             "SYNC FAILED (attempt %d): the remote %s is behind by %.0fs; training continues on local disk and "
             "the sync retries every %gs. Cause: %s%s",
             self.failures,
-            self.remote.url,
+            self.url,
             time.time() - self._last_ok,
             self.every_s,
             error,
@@ -618,9 +606,10 @@ class Syncer:
             try:
                 self._report(self.sync_once())
             except Exception as e:  # The background thread must survive anything the remote does.
-                self._report(None, f"{type(e).__name__}: {_scrub(str(e))}")
+                self._report(None, f"{type(e).__name__}: {e}")
 
     def start(self) -> None:
+        log.info("syncing %s to %s every %.0fs", self.local_dir, self.url, self.every_s)
         self._thread = threading.Thread(target=self._loop, name="runner-sync", daemon=True)
         self._thread.start()
 
@@ -646,12 +635,12 @@ class Syncer:
             except SyncConflict:
                 raise  # Retrying cannot help: the user has to choose.
             except Exception as e:
-                error = f"{type(e).__name__}: {_scrub(str(e))}"
+                error = f"{type(e).__name__}: {e}"
             if attempt + 1 < attempts:
-                log.warning("final sync to %s failed (try %d/%d): %s", self.remote.url, attempt + 1, attempts, error)
+                log.warning("final sync to %s failed (try %d/%d): %s", self.url, attempt + 1, attempts, error)
                 time.sleep(self.backoff_s * 4**attempt)
         raise SyncError(
-            f"final sync of {self.local_dir} to {self.remote.url} failed after {attempts} attempts: {error}. "
+            f"final sync of {self.local_dir} to {self.url} failed after {attempts} attempts: {error}. "
             "The local run directory is complete; copy it once the remote is reachable (re-running the same "
             "command resumes and syncs)."
         )
@@ -678,16 +667,16 @@ def finish(syncer: Syncer | None, failed: bool, on_done: Callable[[], object] = 
 
 
 def for_run(
-    plugin: Any,
+    plugin: StorageSettings,
     name: str,
     run_dir: str,
     keep_latest_k: int,
     protect: set[int] | None = None,
     owner: str | None = None,
 ) -> Syncer | None:
-    """The syncer for run ``name`` per ``storage.*`` (``plugin`` is a StoragePlugin), or None if local-only.
-    ``owner``: the run's config hash, as its checkpoint manifests record it (see :class:`Syncer`)."""
-    if not plugin.has_remote:
+    """The syncer for run ``name`` per ``storage.*`` (``plugin`` is the run's StorageSettings), or None if
+    local-only. ``owner``: the run's config hash, as its checkpoint manifests record it (see :class:`Syncer`)."""
+    remote = plugin.remote(name, fail_fast=True)
+    if remote is None:
         return None
-    remote = open_remote(f"{plugin.url.rstrip('/')}/{name}", plugin.endpoint_url, plugin.region, plugin.client_kwargs)
     return Syncer(run_dir, remote, plugin.sync_every_s, plugin.exclude, keep_latest_k, protect, owner=owner)
