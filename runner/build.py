@@ -27,7 +27,6 @@ class Parts:
     optimizer: torch.optim.Optimizer
     schedule: Schedule
     data: Splits
-    storage: StorageSettings
 
 
 def check_targets(cfg: DictConfig) -> None:
@@ -52,6 +51,7 @@ def check_targets(cfg: DictConfig) -> None:
 
 
 def build_storage(cfg: DictConfig) -> StorageSettings:
+    """The run's storage settings: built once per run (the run's parts are rebuilt after a bad checkpoint)."""
     settings = instantiate(cfg.storage)
     if not isinstance(settings, StorageSettings):
         raise TypeError(f"storage._target_ must build a runner.storage.StorageSettings, got {type(settings).__name__}")
@@ -87,5 +87,4 @@ def build(cfg: DictConfig, device: torch.device | None = None) -> Parts:
         optimizer=build_optimizer(cfg, model),
         schedule=build_schedule(cfg),
         data=data,
-        storage=build_storage(cfg),
     )
