@@ -14,7 +14,7 @@ import pytest
 
 from runner.storage import Storage, StorageSettings
 from runner.storage.s3 import S3Connection, S3Storage, s3_etag, scrub
-from runner.sync.syncer import SyncConflict, Syncer, SyncError
+from runner.sync.syncer import SyncConflict, Syncer, SyncError, SyncSettings
 from tests.s3_server import S3Server
 
 MB = 1 << 20
@@ -115,7 +115,7 @@ def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: S
         order.append(rel)
 
     remote.put = recording  # type: ignore[method-assign]
-    syncer = Syncer(str(run), remote, retries=2, backoff_s=0.01)
+    syncer = Syncer(str(run), remote, SyncSettings(retries=2, backoff_s=0.01))
     result = syncer.sync_once()
     assert set(result.failed) == {"checkpoints/step_6/.metadata", "checkpoints/step_6/manifest.json"}
     manifest_at = order.index("checkpoints/step_3/manifest.json")
@@ -141,7 +141,7 @@ def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Storage) ->
     write(run, "logs/rank0.log", b"log")
     write(run, "tb/events.out", b"e")
     write(run, "scratch.core", b"c")
-    result = Syncer(str(run), remote, exclude=["logs/*", "*.core"]).sync_once()
+    result = Syncer(str(run), remote, SyncSettings(exclude=["logs/*", "*.core"])).sync_once()
     assert sorted(result.uploaded) == [
         "checkpoints/step_1/.metadata",
         "checkpoints/step_1/__0_0.distcp",
@@ -159,7 +159,7 @@ def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remot
     run = tmp_path / "run"
     for step in (2, 3, 4):
         checkpoint(run, step)
-    syncer = Syncer(str(run), remote, keep_latest_k=2, protect={2})
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=2), protect={2})
     assert syncer.sync_once().deleted == []  # 3 and 4 are the newest two, 2 is protected
     checkpoint(run, 5)
     checkpoint(run, 6)
@@ -185,7 +185,7 @@ def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_p
 
     requeued = tmp_path / "requeued"  # a new machine: it resumed from step 3, downloaded from the remote
     checkpoint(requeued, 3, manifest=ours(3))
-    syncer = Syncer(str(requeued), remote, keep_latest_k=1, protect={3}, owner="abc123")
+    syncer = Syncer(str(requeued), remote, SyncSettings(keep_latest_k=1), protect={3}, owner="abc123")
     for step in (6, 7):
         checkpoint(requeued, step, manifest=ours(step))
     result = syncer.sync_once()
@@ -199,7 +199,7 @@ def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_p
     # Without an owner (or with another one) nothing of the first process is touched.
     other = tmp_path / "other"
     checkpoint(other, 8, manifest=ours(8))
-    stranger = Syncer(str(other), remote, keep_latest_k=1, owner="zzz")
+    stranger = Syncer(str(other), remote, SyncSettings(keep_latest_k=1), owner="zzz")
     assert stranger.sync_once().deleted == []
 
 
@@ -216,7 +216,7 @@ def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: P
         path = run / "checkpoints" / "step_2" / rel
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
     checkpoint(run, 3)
-    syncer = Syncer(str(run), remote, keep_latest_k=1)
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=1))
     result = syncer.sync_once()
     assert result.ok
     if remote.lists_content_keys:
@@ -278,7 +278,7 @@ def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tm
     checkpoint(fresh, 1, payload=b"f" * 1000)
     checkpoint(fresh, 2, payload=b"g" * 1000)
     write(fresh, "metrics.jsonl", b"new\n")
-    syncer = Syncer(str(fresh), remote, backoff_s=0.01)
+    syncer = Syncer(str(fresh), remote, SyncSettings(backoff_s=0.01))
     syncer.guard(resumed_step=None)
     with pytest.raises(SyncConflict, match="up to step 2"):
         syncer.sync_once()
@@ -311,7 +311,7 @@ def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path:
     run = tmp_path / "run"
     for step in (1, 2, 3, 4, 5):
         checkpoint(run, step)
-    syncer = Syncer(str(run), remote, keep_latest_k=2)
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=2))
     assert not syncer.confirmed(1)
     result = syncer.sync_once()
     assert {rel.split("/")[1] for rel in result.uploaded} == {"step_4", "step_5"}
@@ -350,7 +350,8 @@ def test_outage_warns_and_catches_up(
     remote = _s3(f"s3://{bucket}/r", own_server)
     run = tmp_path / "run"
     checkpoint(run, 1)
-    syncer = Syncer(str(run), remote, every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
+    settings = SyncSettings(every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
+    syncer = Syncer(str(run), remote, settings)
     caplog.set_level(logging.INFO, logger="runner.sync.syncer")
     syncer.start()
     try:
@@ -380,7 +381,7 @@ def test_final_sync_fills_a_fresh_bucket_after_the_server_lost_its_data(tmp_path
     run = tmp_path / "run"
     checkpoint(run, 1)
     write(run, "metrics.jsonl", b"m")
-    syncer = Syncer(str(run), remote, retries=1, backoff_s=0.01)
+    syncer = Syncer(str(run), remote, SyncSettings(retries=1, backoff_s=0.01))
     assert syncer.sync_once().ok
     own_server.stop()
     checkpoint(run, 2)
