@@ -44,7 +44,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from runner.storage.s3 import S3Remote  # noqa: E402
+from runner.storage.s3 import S3Connection, S3Storage  # noqa: E402
 from runner.sync.syncer import Syncer  # noqa: E402
 from tests.s3_server import DUMMY_ENV, S3Server  # noqa: E402
 
@@ -111,7 +111,7 @@ class Ours:
         self.syncer: Syncer | None = None
 
     def begin(self, bucket: str) -> None:
-        remote = S3Remote(f"s3://{bucket}/run", endpoint_url=self.server.endpoint)
+        remote = S3Storage(f"s3://{bucket}/run", S3Connection(endpoint_url=self.server.endpoint), fail_fast=True)
         self.syncer = Syncer(str(self.root), remote)
 
     def sync(self, bucket: str) -> None:

@@ -16,7 +16,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from runner.config import TARGET_SECTIONS, ConfigError
-from runner.storage import StoragePlugin
+from runner.storage import StorageSettings
 from runner.train.data import Splits
 from runner.train.optim import Schedule, param_groups
 
@@ -50,11 +50,12 @@ def check_targets(cfg: DictConfig) -> None:
             ) from None
 
 
-def build_storage(cfg: DictConfig) -> StoragePlugin:
-    plugin = instantiate(cfg.storage)
-    if not isinstance(plugin, StoragePlugin):
-        raise TypeError(f"storage._target_ must build a runner.storage.StoragePlugin, got {type(plugin).__name__}")
-    return plugin
+def build_storage(cfg: DictConfig) -> StorageSettings:
+    """The run's storage settings: built once per run (the run's parts are rebuilt after a bad checkpoint)."""
+    settings = instantiate(cfg.storage)
+    if not isinstance(settings, StorageSettings):
+        raise TypeError(f"storage._target_ must build a runner.storage.StorageSettings, got {type(settings).__name__}")
+    return settings
 
 
 def build_data(cfg: DictConfig) -> Splits:

@@ -211,7 +211,7 @@ class ImageFolderConfig(DataConfig):
 # --------------------------------------------------------------------------- storage
 @dataclass
 class StorageConfig:
-    _target_: str = "runner.storage.build_storage"
+    _target_: str = "runner.storage.StorageSettings.from_config"
     # Remote root for run directories (s3://bucket/prefix); empty = local only.
     url: str = ""
     # S3-compatible endpoint, e.g. http://127.0.0.1:9000; empty = AWS.
@@ -221,7 +221,7 @@ class StorageConfig:
     sync_every: str = "5m"
     # Glob patterns (relative to the run directory) never uploaded.
     exclude: list[str] = field(default_factory=lambda: ["*.tmp", "*.tmp/*", "logs/*"])
-    # Extra keyword arguments for the fsspec filesystem (no secrets: use the AWS credential chain).
+    # Extra keyword arguments for the S3 (boto3) client (no secrets: use the AWS credential chain).
     client_kwargs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -479,7 +479,7 @@ _EXAMPLE_TARGETS = {
     "opt": "torch.optim.AdamW",
     "sched": "runner.train.optim.CosineSchedule",
     "data": "runner.train.data.synthetic_splits",
-    "storage": "runner.storage.build_storage",
+    "storage": "runner.storage.StorageSettings.from_config",
 }
 
 

@@ -55,7 +55,7 @@ def fetch(remote: Storage, run_dir: str, rank: int, replace: bool) -> list[str]:
     :class:`HistoryError` if the remote cannot be read.
     """
     try:
-        found = remote.walk()
+        found = remote.listing()
         wanted = [
             rel
             for rel in sorted(found)

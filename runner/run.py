@@ -210,7 +210,6 @@ class Run:
             sync.finish(syncer, failed=kind is not None, on_done=self._retire)
 
         self.stack.push(finish)
-        log.info("syncing %s to %s every %.0fs", self.run_dir, syncer.remote.url, syncer.every_s)
         return syncer
 
     def _retire(self) -> None:

@@ -1,10 +1,10 @@
 """A fault-injecting HTTP proxy on 127.0.0.1 in front of the moto server, switchable while a run uses it.
 
 Why a proxy and not botocore-level injection: the run under test is a separate process (``python -m
-runner``), and it talks to S3 through two clients (boto3 for the syncer's uploads, s3fs/aiobotocore for
-resume downloads). A proxy on the endpoint URL reaches both, from outside, without a seam in runner/, and
-what the client sees is what a real outage or a flaky store looks like on the wire: refused or dropped
-connections, 5xx answers, a slow link.
+runner``), and it talks to S3 through several boto3 clients (the syncer's, and those that look for
+checkpoints and history at the start). A proxy on the endpoint URL reaches them all, from outside, without
+a seam in runner/, and what the client sees is what a real outage or a flaky store looks like on the wire:
+refused or dropped connections, 5xx answers, a slow link.
 
 Modes (``proxy.mode = ...`` from the test, at any time):
 

@@ -26,7 +26,7 @@ from runner.checkpoint.load import load
 from runner.checkpoint.manifest import CheckpointRef, ref_at, valid_refs, verify
 from runner.checkpoint.state import TrainState
 from runner.config import TrainerConfig
-from runner.storage import LocalStorage, StoragePlugin
+from runner.storage import LocalStorage, StorageSettings
 
 log = logging.getLogger("runner")
 
@@ -59,7 +59,7 @@ class ResumePlan:
         log.warning("skipping checkpoint %s: %s", ref.source, error)
 
 
-def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, name: str) -> ResumePlan:
+def find_resume(trainer: TrainerConfig, run_dir: str, settings: StorageSettings, name: str) -> ResumePlan:
     """The checkpoints to continue from, per ``trainer.resume`` (auto / none / a path or URL)."""
     choice = trainer.resume.strip()
     if choice == "none":
@@ -69,7 +69,7 @@ def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, nam
         if "://" not in target:
             target = os.path.abspath(target)
         parent, _, folder = target.rpartition("/")
-        storage = plugin.open_url(parent)
+        storage = settings.open_url(parent)
         # NOTE: a checkpoint named by the user is verified in full now, so a damaged one is an error before
         # the run directory is created, not after.
         if isinstance(storage, LocalStorage):
@@ -78,7 +78,7 @@ def find_resume(trainer: TrainerConfig, run_dir: str, plugin: StoragePlugin, nam
     local = valid_refs(LocalStorage(run_dir), checksums=False)
     newest = next(local, None)
     plan = ResumePlan(local=itertools.chain([newest], local) if newest is not None else ())
-    remote = plugin.remote(name)
+    remote = settings.remote(name)
     if remote is not None:
         try:
             newer = newest.step if newest is not None else -1

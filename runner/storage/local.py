@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from typing import IO
 
 from runner.storage import checksum
-
-CHUNK = 8 << 20
+from runner.storage.base import Entry, Progress, download_to, put_whole
 
 
 def sha256_file(path: str) -> str:
@@ -43,6 +43,8 @@ def atomic_write(path: str, data: bytes) -> None:
 
 
 class LocalStorage:
+    lists_content_keys = False
+
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
 
@@ -52,25 +54,25 @@ class LocalStorage:
     def exists(self, path: str) -> bool:
         return os.path.exists(self.url(path))
 
+    def size(self, path: str) -> int:
+        return os.path.getsize(self.url(path))
+
     def list(self, path: str = "") -> list[str]:
         try:
             return sorted(os.listdir(self.url(path)))
         except FileNotFoundError:
             return []
 
-    def walk(self, path: str = "") -> dict[str, int]:
-        out: dict[str, int] = {}
-        base = self.url(path)
-        for folder, _, files in os.walk(base):
+    def listing(self, path: str = "") -> dict[str, Entry]:
+        out: dict[str, Entry] = {}
+        for folder, _, files in os.walk(self.url(path)):
             for name in files:
                 full = os.path.join(folder, name)
-                out[os.path.relpath(full, self.root).replace(os.sep, "/")] = os.path.getsize(full)
+                out[os.path.relpath(full, self.root).replace(os.sep, "/")] = Entry(os.path.getsize(full))
         return out
 
-    def open(self, path: str, mode: str = "rb") -> IO[bytes]:
-        if "w" in mode or "a" in mode:
-            os.makedirs(os.path.dirname(self.url(path)), exist_ok=True)
-        return open(self.url(path), mode)
+    def open(self, path: str) -> IO[bytes]:
+        return open(self.url(path), "rb")
 
     def read_bytes(self, path: str) -> bytes:
         with open(self.url(path), "rb") as f:
@@ -79,18 +81,21 @@ class LocalStorage:
     def write_bytes(self, path: str, data: bytes) -> None:
         atomic_write(self.url(path), data)
 
-    def put(self, local_file: str, path: str) -> None:
+    def put(
+        self, local_file: str, path: str, progress: Progress | None = None, cancel: threading.Event | None = None
+    ) -> None:
         dst = self.url(path)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        tmp = f"{dst}.part"
-        shutil.copyfile(local_file, tmp)
-        os.replace(tmp, dst)
+
+        def copy() -> None:
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            tmp = f"{dst}.part"
+            shutil.copyfile(local_file, tmp)
+            os.replace(tmp, dst)
+
+        put_whole(copy, local_file, progress, cancel)
 
     def get(self, path: str, local_file: str) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(local_file)), exist_ok=True)
-        tmp = f"{local_file}.part"
-        shutil.copyfile(self.url(path), tmp)
-        os.replace(tmp, local_file)
+        download_to(local_file, lambda tmp: shutil.copyfile(self.url(path), tmp))
 
     def delete(self, path: str) -> None:
         target = self.url(path)
@@ -99,8 +104,8 @@ class LocalStorage:
         elif os.path.lexists(target):
             os.unlink(target)
 
-    def size(self, path: str) -> int:
-        return os.path.getsize(self.url(path))
-
     def checksum(self, path: str, algorithm: str = "sha256") -> str:
         return checksum.of_file(self.url(path), algorithm)
+
+    def content_key(self, local_file: str) -> str:
+        return sha256_file(local_file)

@@ -267,7 +267,7 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     # sizes), downloaded, and its checksums are verified in the local copy, not streamed twice.
     import uuid
 
-    from runner.storage import StoragePlugin
+    from runner.storage import StorageSettings
 
     state = make_state()
     train_steps(state, 2)
@@ -275,7 +275,7 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     for _ in range(2):
         ckpt.save(state)
         train_steps(state, 2)
-    remote = StoragePlugin().open_url(f"memory://ckpt-{uuid.uuid4().hex[:8]}/run")
+    remote = StorageSettings().open_url(f"memory://ckpt-{uuid.uuid4().hex[:8]}/run")
     for folder in ("step_2", "step_4"):
         for name in os.listdir(tmp_path / "src" / "checkpoints" / folder):
             remote.put(str(tmp_path / "src" / "checkpoints" / folder / name), f"checkpoints/{folder}/{name}")
@@ -295,8 +295,7 @@ def test_a_remote_checkpoint_is_verified_once_in_its_downloaded_copy(tmp_path: P
     data = next(n for n in refs[1].manifest["files"] if n.endswith(".distcp"))
     body = bytearray(remote.read_bytes(f"checkpoints/step_2/{data}"))
     body[len(body) // 2] ^= 1
-    with remote.open(f"checkpoints/step_2/{data}", "wb") as f:
-        f.write(bytes(body))
+    remote.write_bytes(f"checkpoints/step_2/{data}", bytes(body))
     assert manifest.verify(remote, "checkpoints/step_2", checksums=False)[0] is not None
     with pytest.raises(errors.CorruptCheckpoint, match=data):
         resume.fetch(refs[1], str(tmp_path / "run" / "checkpoints"))

@@ -15,6 +15,7 @@ from runner import build
 from runner.__main__ import CONFIG_DIR
 from runner.config import ConfigError, parse_duration, validate
 from runner.naming import run_name, sweep_name
+from runner.storage import StorageSettings
 
 GROUPS = {
     "model": ["vit_tiny", "vits16", "vitb16", "vitl16"],
@@ -52,6 +53,15 @@ def test_every_option_composes_validates_and_builds(group: str, option: str) -> 
     assert parts.schedule(0) > 0
     assert len(parts.data.train) > 0
     assert isinstance(parts.optimizer, torch.optim.Optimizer)
+    assert isinstance(build.build_storage(cfg), StorageSettings)
+
+
+def test_storage_s3_builds_settings_that_open_the_runs_remote_home() -> None:
+    cfg = compose_cfg("storage=s3", "storage.url=s3://bucket/runs", "storage.endpoint_url=http://127.0.0.1:9")
+    settings = build.build_storage(cfg)
+    assert settings.sync_every_s == 300.0 and settings.s3.endpoint_url == "http://127.0.0.1:9"
+    remote = settings.remote("r1")
+    assert remote is not None and remote.url() == "s3://bucket/runs/r1" and remote.lists_content_keys
 
 
 def test_vitb16_has_about_86m_parameters() -> None:

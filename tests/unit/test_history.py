@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from runner import history
-from runner.storage import LocalStorage
+from runner.storage import Entry, LocalStorage
 
 
 def _write(path: Path, records: list[dict[str, object]], torn: str = "") -> None:
@@ -78,7 +78,7 @@ def test_fetch_keeps_local_history_unless_the_run_resumes_from_the_remote(tmp_pa
 
 def test_fetch_from_an_unreadable_remote_is_an_error_not_a_silent_fresh_history(tmp_path: Path) -> None:
     class Down(LocalStorage):
-        def walk(self, path: str = "") -> dict[str, int]:
+        def listing(self, path: str = "") -> dict[str, Entry]:
             raise ConnectionError("connection refused")
 
     with pytest.raises(history.HistoryError, match=r"could not read this run's history .* connection refused"):

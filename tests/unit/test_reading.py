@@ -241,6 +241,6 @@ def _trainer(choice: str) -> Any:
 
 
 def _no_remote() -> Any:
-    from runner.storage import StoragePlugin
+    from runner.storage import StorageSettings
 
-    return StoragePlugin()
+    return StorageSettings()

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import xxhash
 
-from runner.storage import Storage, StoragePlugin
+from runner.storage import Storage, StorageSettings
 from runner.storage.local import LocalStorage
+from runner.storage.s3 import S3Connection
 from tests.s3_server import S3Server
 
 
@@ -20,13 +21,13 @@ def _local(tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
 
 
 def _memory(tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
-    return StoragePlugin().open_url(f"memory://contract-{uuid.uuid4().hex[:8]}/run")
+    return StorageSettings().open_url(f"memory://contract-{uuid.uuid4().hex[:8]}/run")
 
 
 def _s3(tmp_path: Path, request: pytest.FixtureRequest) -> Storage:
     server: S3Server = request.getfixturevalue("s3_server")
     bucket = server.new_bucket("contract")
-    return StoragePlugin(endpoint_url=server.endpoint).open_url(f"s3://{bucket}/prefix/run")
+    return StorageSettings(s3=S3Connection(endpoint_url=server.endpoint)).open_url(f"s3://{bucket}/prefix/run")
 
 
 BACKENDS: list[object] = [
@@ -34,6 +35,11 @@ BACKENDS: list[object] = [
     pytest.param(_memory, id="memory"),
     pytest.param(_s3, id="s3", marks=pytest.mark.s3),
 ]
+
+
+def sizes(storage: Storage, path: str = "") -> dict[str, int]:
+    """Every file under ``path`` with its size, from the storage's listing."""
+    return {rel: entry.size for rel, entry in storage.listing(path).items()}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -59,13 +65,13 @@ def test_write_read_exists_size_checksum(storage: Storage) -> None:
 
 def test_list_and_walk(storage: Storage) -> None:
     assert storage.list("nothing") == []
-    assert storage.walk("nothing") == {}
+    assert sizes(storage, "nothing") == {}
     storage.write_bytes("checkpoints/step_1/manifest.json", b"{}")
     storage.write_bytes("checkpoints/step_2/x", b"12345")
     storage.write_bytes("top.txt", b"1")
     assert storage.list("checkpoints") == ["step_1", "step_2"]
     assert storage.list("") == ["checkpoints", "top.txt"]
-    assert storage.walk() == {"checkpoints/step_1/manifest.json": 2, "checkpoints/step_2/x": 5, "top.txt": 1}
+    assert sizes(storage) == {"checkpoints/step_1/manifest.json": 2, "checkpoints/step_2/x": 5, "top.txt": 1}
 
 
 def test_put_get_open(storage: Storage, tmp_path: Path) -> None:
@@ -87,7 +93,7 @@ def test_delete_file_folder_and_missing(storage: Storage) -> None:
     storage.delete("g")
     assert not storage.exists("g")
     storage.delete("f")
-    assert storage.walk() == {}
+    assert sizes(storage) == {}
     storage.delete("does/not/exist")  # Not an error.
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runner.storage import StoragePlugin
-from runner.storage.s3 import Remote, S3Remote, StorageRemote, s3_etag
-from runner.sync.syncer import SyncConflict, Syncer, SyncError, _scrub
+from runner.storage import Storage, StorageSettings
+from runner.storage.s3 import S3Connection, S3Storage, s3_etag, scrub
+from runner.sync.syncer import SyncConflict, Syncer, SyncError, SyncSettings
 from tests.s3_server import S3Server
 
 MB = 1 << 20
@@ -36,7 +36,7 @@ def checkpoint(root: Path, step: int, payload: bytes = b"w" * 1000, manifest: by
     write(root, f"{folder}/manifest.json", b'{"step": %d}' % step if manifest is None else manifest)
 
 
-def remote_tree(remote: Remote) -> dict[str, int]:
+def remote_tree(remote: Storage) -> dict[str, int]:
     return {rel: obj.size for rel, obj in remote.listing().items()}
 
 
@@ -49,25 +49,30 @@ def local_tree(root: Path, skip: Callable[[str], bool] = lambda rel: False) -> d
     return out
 
 
-def _s3_remote(request: pytest.FixtureRequest) -> Remote:
+def _s3(url: str, server: S3Server, part_bytes: int = 8 * MB) -> Storage:
+    """An S3 storage as the syncer gets it (few, quick retries per request)."""
+    return S3Storage(url, S3Connection(endpoint_url=server.endpoint), fail_fast=True, part_bytes=part_bytes)
+
+
+def _s3_remote(request: pytest.FixtureRequest) -> Storage:
     server: S3Server = request.getfixturevalue("s3_server")
     # 5 MiB parts (S3's minimum) so a small test file already exercises the multipart ETag.
-    return S3Remote(f"s3://{server.new_bucket('sync')}/runs/r1", endpoint_url=server.endpoint, part_bytes=5 * MB)
+    return _s3(f"s3://{server.new_bucket('sync')}/runs/r1", server, part_bytes=5 * MB)
 
 
-def _memory_remote(request: pytest.FixtureRequest) -> Remote:
-    return StorageRemote(StoragePlugin().open_url(f"memory://sync-{uuid.uuid4().hex[:8]}/runs/r1"))
+def _memory_remote(request: pytest.FixtureRequest) -> Storage:
+    return StorageSettings().open_url(f"memory://sync-{uuid.uuid4().hex[:8]}/runs/r1")
 
 
 @pytest.fixture(
     params=[pytest.param(_s3_remote, id="s3", marks=pytest.mark.s3), pytest.param(_memory_remote, id="memory")]
 )
-def remote(request: pytest.FixtureRequest) -> Remote:
-    make: Callable[[pytest.FixtureRequest], Remote] = request.param
+def remote(request: pytest.FixtureRequest) -> Storage:
+    make: Callable[[pytest.FixtureRequest], Storage] = request.param
     return make(request)
 
 
-def test_uploads_new_and_changed_files_only(tmp_path: Path, remote: Remote) -> None:
+def test_uploads_new_and_changed_files_only(tmp_path: Path, remote: Storage) -> None:
     run = tmp_path / "run"
     write(run, "metrics.jsonl", b"a" * 100)
     write(run, "big.bin", os.urandom(11 * MB))  # multipart on S3
@@ -93,13 +98,13 @@ def test_uploads_new_and_changed_files_only(tmp_path: Path, remote: Remote) -> N
     assert sorted(fresh) == ([] if remote.lists_content_keys else sorted(local_tree(run)))
 
 
-def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: Remote) -> None:
+def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: Storage) -> None:
     run = tmp_path / "run"
     checkpoint(run, 3)
     checkpoint(run, 6)
     write(run, "metrics.jsonl", b"x")
     order: list[str] = []
-    real_upload = remote.upload
+    real_upload = remote.put
 
     def recording(
         local_file: str, rel: str, progress: Callable[[int], None] | None = None, cancel: threading.Event | None = None
@@ -109,8 +114,8 @@ def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: R
         real_upload(local_file, rel, progress, cancel)
         order.append(rel)
 
-    remote.upload = recording  # type: ignore[method-assign]
-    syncer = Syncer(str(run), remote, retries=2, backoff_s=0.01)
+    remote.put = recording  # type: ignore[method-assign]
+    syncer = Syncer(str(run), remote, SyncSettings(retries=2, backoff_s=0.01))
     result = syncer.sync_once()
     assert set(result.failed) == {"checkpoints/step_6/.metadata", "checkpoints/step_6/manifest.json"}
     manifest_at = order.index("checkpoints/step_3/manifest.json")
@@ -122,13 +127,13 @@ def test_manifest_goes_last_and_only_with_all_its_data(tmp_path: Path, remote: R
     assert "checkpoints/step_6/manifest.json" not in remote_tree(remote)
     assert syncer.confirmed(3) and not syncer.confirmed(6)
 
-    remote.upload = real_upload  # type: ignore[method-assign]
+    remote.put = real_upload  # type: ignore[method-assign]
     assert syncer.sync_once().ok
     assert syncer.confirmed(6)
     assert remote_tree(remote) == local_tree(run)
 
 
-def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Remote) -> None:
+def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Storage) -> None:
     run = tmp_path / "run"
     checkpoint(run, 1)
     write(run, "checkpoints/step_2.tmp/__0_0.distcp", b"partial")
@@ -136,7 +141,7 @@ def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Remote) -> 
     write(run, "logs/rank0.log", b"log")
     write(run, "tb/events.out", b"e")
     write(run, "scratch.core", b"c")
-    result = Syncer(str(run), remote, exclude=["logs/*", "*.core"]).sync_once()
+    result = Syncer(str(run), remote, SyncSettings(exclude=["logs/*", "*.core"])).sync_once()
     assert sorted(result.uploaded) == [
         "checkpoints/step_1/.metadata",
         "checkpoints/step_1/__0_0.distcp",
@@ -145,7 +150,7 @@ def test_excludes_uncommitted_and_configured(tmp_path: Path, remote: Remote) -> 
     ]
 
 
-def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remote: Remote) -> None:
+def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remote: Storage) -> None:
     # Step 1 is on the remote from an earlier run; this run resumed from step 2 (protected).
     earlier = tmp_path / "earlier"
     checkpoint(earlier, 1)
@@ -154,7 +159,7 @@ def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remot
     run = tmp_path / "run"
     for step in (2, 3, 4):
         checkpoint(run, step)
-    syncer = Syncer(str(run), remote, keep_latest_k=2, protect={2})
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=2), protect={2})
     assert syncer.sync_once().deleted == []  # 3 and 4 are the newest two, 2 is protected
     checkpoint(run, 5)
     checkpoint(run, 6)
@@ -165,7 +170,7 @@ def test_remote_retention_deletes_only_what_this_run_wrote(tmp_path: Path, remot
     assert not any(rel.startswith(("checkpoints/step_3/", "checkpoints/step_4/")) for rel in remote_tree(remote))
 
 
-def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_path: Path, remote: Remote) -> None:
+def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_path: Path, remote: Storage) -> None:
     # A requeued (or restarted) job is a new process of the same run: the checkpoints its first process
     # uploaded are the run's own, and keep_latest_k must bound them too, or every requeue leaves k behind.
     def ours(step: int) -> bytes:
@@ -180,7 +185,7 @@ def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_p
 
     requeued = tmp_path / "requeued"  # a new machine: it resumed from step 3, downloaded from the remote
     checkpoint(requeued, 3, manifest=ours(3))
-    syncer = Syncer(str(requeued), remote, keep_latest_k=1, protect={3}, owner="abc123")
+    syncer = Syncer(str(requeued), remote, SyncSettings(keep_latest_k=1), protect={3}, owner="abc123")
     for step in (6, 7):
         checkpoint(requeued, step, manifest=ours(step))
     result = syncer.sync_once()
@@ -194,11 +199,11 @@ def test_remote_retention_covers_what_an_earlier_process_of_this_run_wrote(tmp_p
     # Without an owner (or with another one) nothing of the first process is touched.
     other = tmp_path / "other"
     checkpoint(other, 8, manifest=ours(8))
-    stranger = Syncer(str(other), remote, keep_latest_k=1, owner="zzz")
+    stranger = Syncer(str(other), remote, SyncSettings(keep_latest_k=1), owner="zzz")
     assert stranger.sync_once().deleted == []
 
 
-def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: Path, remote: Remote) -> None:
+def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: Path, remote: Storage) -> None:
     # This run holds a byte-identical copy of the earlier run's step 2 (say, downloaded to resume from it).
     # Where the remote lists content keys, the syncer sees it is already there: it neither uploads it nor
     # counts it as written by this run, so retention leaves it alone even unprotected.
@@ -211,7 +216,7 @@ def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: P
         path = run / "checkpoints" / "step_2" / rel
         os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 2_000_000_000))
     checkpoint(run, 3)
-    syncer = Syncer(str(run), remote, keep_latest_k=1)
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=1))
     result = syncer.sync_once()
     assert result.ok
     if remote.lists_content_keys:
@@ -225,7 +230,7 @@ def test_identical_copy_of_an_earlier_runs_checkpoint_is_not_claimed(tmp_path: P
     assert syncer.sync_once().uploaded == []
 
 
-def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, remote: Remote) -> None:
+def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, remote: Storage) -> None:
     # Same size every time, new content every time: each pass fingerprints it (while uploading) and
     # uploads it; the content key (an MD5 pass for S3) is not needed to see that it changed.
     run = tmp_path / "run"
@@ -244,22 +249,22 @@ def test_a_file_rewritten_again_and_again_is_uploaded_each_time(tmp_path: Path, 
     assert remote_tree(remote) == local_tree(run)
     # Changed while it uploaded: that fingerprint is not kept, so the next pass goes by content key.
     write(run, "big.bin", bytes([3]) * (6 * MB), mtime_bump=6)
-    upload = remote.upload
+    upload = remote.put
 
     def rewrite_midway(*args: object, **kwargs: object) -> None:
         upload(*args, **kwargs)  # type: ignore[arg-type]
         write(run, "big.bin", bytes([4]) * (6 * MB), mtime_bump=7)
 
-    remote.upload = rewrite_midway  # type: ignore[method-assign]
+    remote.put = rewrite_midway  # type: ignore[method-assign]
     assert syncer.sync_once().uploaded == ["big.bin"]
-    remote.upload = upload  # type: ignore[method-assign]
+    remote.put = upload  # type: ignore[method-assign]
     assert syncer._seen["big.bin"].fingerprint is None
     assert syncer.sync_once().uploaded == ["big.bin"]
     assert syncer._seen["big.bin"].fingerprint is not None
     assert remote_tree(remote) == local_tree(run)
 
 
-def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tmp_path: Path, remote: Remote) -> None:
+def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tmp_path: Path, remote: Storage) -> None:
     # An earlier process of the run left checkpoints 1 and 2 (and its metrics) on the remote.
     earlier = tmp_path / "earlier"
     checkpoint(earlier, 1)
@@ -273,7 +278,7 @@ def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tm
     checkpoint(fresh, 1, payload=b"f" * 1000)
     checkpoint(fresh, 2, payload=b"g" * 1000)
     write(fresh, "metrics.jsonl", b"new\n")
-    syncer = Syncer(str(fresh), remote, backoff_s=0.01)
+    syncer = Syncer(str(fresh), remote, SyncSettings(backoff_s=0.01))
     syncer.guard(resumed_step=None)
     with pytest.raises(SyncConflict, match="up to step 2"):
         syncer.sync_once()
@@ -292,7 +297,7 @@ def test_a_run_that_could_not_see_the_remote_never_overwrites_its_checkpoints(tm
     assert "checkpoints/step_3/manifest.json" in remote.listing()
 
 
-def test_a_guarded_syncer_on_an_empty_remote_just_syncs(tmp_path: Path, remote: Remote) -> None:
+def test_a_guarded_syncer_on_an_empty_remote_just_syncs(tmp_path: Path, remote: Storage) -> None:
     run = tmp_path / "run"
     checkpoint(run, 1)
     syncer = Syncer(str(run), remote)
@@ -301,12 +306,12 @@ def test_a_guarded_syncer_on_an_empty_remote_just_syncs(tmp_path: Path, remote: 
     assert remote_tree(remote) == local_tree(run)
 
 
-def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path: Path, remote: Remote) -> None:
+def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path: Path, remote: Storage) -> None:
     # Checkpoints came faster than passes: 1-3 are already beyond keep_latest_k=2 when the pass starts.
     run = tmp_path / "run"
     for step in (1, 2, 3, 4, 5):
         checkpoint(run, step)
-    syncer = Syncer(str(run), remote, keep_latest_k=2)
+    syncer = Syncer(str(run), remote, SyncSettings(keep_latest_k=2))
     assert not syncer.confirmed(1)
     result = syncer.sync_once()
     assert {rel.split("/")[1] for rel in result.uploaded} == {"step_4", "step_5"}
@@ -316,16 +321,16 @@ def test_checkpoints_superseded_before_upload_are_skipped_and_released(tmp_path:
 
 def test_scrub_blanks_secrets_from_error_text(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-5ecret-value")
-    assert _scrub("signature for planted-5ecret-value failed") == "signature for *** failed"
+    assert scrub("signature for planted-5ecret-value failed") == "signature for *** failed"
 
 
 def test_s3_etag_matches_what_s3_reports(tmp_path: Path, s3_server: S3Server) -> None:
     bucket = s3_server.new_bucket("etag")
-    remote = S3Remote(f"s3://{bucket}/p", endpoint_url=s3_server.endpoint, part_bytes=5 * MB)
+    remote = _s3(f"s3://{bucket}/p", s3_server, part_bytes=5 * MB)
     for name, size in (("small", 1000), ("exact", 5 * MB), ("multi", 12 * MB + 3)):
         write(tmp_path, name, os.urandom(size))
-        remote.upload(str(tmp_path / name), name)
-        assert remote.listing()[name].etag == s3_etag(str(tmp_path / name), 5 * MB), name
+        remote.put(str(tmp_path / name), name)
+        assert remote.listing()[name].key == s3_etag(str(tmp_path / name), 5 * MB), name
 
 
 # --------------------------------------------------------------------------- outages
@@ -342,10 +347,11 @@ def test_outage_warns_and_catches_up(
     tmp_path: Path, s3_server: S3Server, own_server: S3Server, caplog: pytest.LogCaptureFixture
 ) -> None:
     bucket = own_server.new_bucket("outage")
-    remote = S3Remote(f"s3://{bucket}/r", endpoint_url=own_server.endpoint)
+    remote = _s3(f"s3://{bucket}/r", own_server)
     run = tmp_path / "run"
     checkpoint(run, 1)
-    syncer = Syncer(str(run), remote, every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
+    settings = SyncSettings(every_s=0.2, keep_latest_k=1, retries=2, backoff_s=0.01, warn_every_s=60)
+    syncer = Syncer(str(run), remote, settings)
     caplog.set_level(logging.INFO, logger="runner.sync.syncer")
     syncer.start()
     try:
@@ -371,11 +377,11 @@ def test_outage_warns_and_catches_up(
 @pytest.mark.s3
 def test_final_sync_fills_a_fresh_bucket_after_the_server_lost_its_data(tmp_path: Path, own_server: S3Server) -> None:
     bucket = own_server.new_bucket("fresh")
-    remote = S3Remote(f"s3://{bucket}/r", endpoint_url=own_server.endpoint)
+    remote = _s3(f"s3://{bucket}/r", own_server)
     run = tmp_path / "run"
     checkpoint(run, 1)
     write(run, "metrics.jsonl", b"m")
-    syncer = Syncer(str(run), remote, retries=1, backoff_s=0.01)
+    syncer = Syncer(str(run), remote, SyncSettings(retries=1, backoff_s=0.01))
     assert syncer.sync_once().ok
     own_server.stop()
     checkpoint(run, 2)
