@@ -27,7 +27,8 @@ from typing import Any
 from runner.checkpoint.errors import CheckpointError
 from runner.checkpoint.layout import MANIFEST
 from runner.checkpoint.manifest import CheckpointRef, ref_at
-from runner.storage import LocalStorage, StoragePlugin
+from runner.storage import LocalStorage, StorageSettings
+from runner.storage.s3 import S3Connection
 
 FORMATS = ("safetensors", "pt")
 _PREFIX = "model."
@@ -43,7 +44,7 @@ def _locate(source: str, endpoint_url: str) -> CheckpointRef:
     if "://" not in target:
         target = os.path.abspath(target)
     parent, _, name = target.rpartition("/")
-    storage = StoragePlugin(endpoint_url=endpoint_url).open_url(parent)
+    storage = StorageSettings(s3=S3Connection(endpoint_url=endpoint_url)).open_url(parent)
     # NOTE: a local checkpoint is verified in full here; a remote one by structure, then in full once
     # downloaded (as a resume does).
     return ref_at(storage, name, checksums=isinstance(storage, LocalStorage), named="")
