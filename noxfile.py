@@ -49,7 +49,9 @@ def tests(session: nox.Session) -> None:
     install(session, "test", "sweep")
     typecheck_here(session)
     # --durations: the suite must stay under 10 minutes on 2 cores; CI prints where the time goes.
-    session.run("pytest", *(session.posargs or ["-q", "--durations=15"]))
+    # -n 2: most tests wait on subprocesses (CLI runs, torchrun, servers), so two workers use both cores;
+    # loadgroup keeps every SLURM test on one worker, with the one cluster they share.
+    session.run("pytest", *(session.posargs or ["-q", "-n", "2", "--dist", "loadgroup", "--durations=15"]))
 
 
 @nox.session(python=PYTHON)

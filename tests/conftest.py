@@ -56,6 +56,14 @@ def run_cli(
 TINY = ["+debug=tiny"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``--dist loadgroup``), SLURM tests share one worker: they share one cluster, which
+    a session fixture brings up once."""
+    for item in items:
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def installed() -> None:
     """What the entry point does before composing: schemas, resolvers, the YAML alias guard."""
