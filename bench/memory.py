@@ -19,19 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.ranks import on_ranks
+
 TARGET = 0.55
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _bytes(tensors: list[Any]) -> int:
@@ -46,11 +41,10 @@ def _bytes(tensors: list[Any]) -> int:
     return sum(seen.values())
 
 
-def _rank(rank: int, world: int, port: int, kind: str, image_size: int, out: Any) -> None:
+def _rank(rank: int, world: int, kind: str, image_size: int) -> dict[str, int]:
     import resource
 
     import torch
-    import torch.distributed as dist
     import torch.nn.functional as F
 
     from runner import parallel
@@ -58,8 +52,6 @@ def _rank(rank: int, world: int, port: int, kind: str, image_size: int, out: Any
     from runner.models.vit import VisionTransformer
     from runner.train.optim import param_groups
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
     model = VisionTransformer(image_size=image_size, patch_size=16, num_classes=1000, width=768, depth=12, heads=12)
     cfg = ParallelConfig(kind=ParallelKind(kind))
@@ -83,26 +75,11 @@ def _rank(rank: int, world: int, port: int, kind: str, image_size: int, out: Any
         "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
     figures["state"] = figures["params"] + figures["grads"] + figures["optimizer"]
-    out.put((rank, figures))
-    dist.barrier()
-    dist.destroy_process_group()
+    return figures
 
 
 def measure(kind: str, world: int, image_size: int) -> list[dict[str, int]]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    port = _port()
-    procs = [ctx.Process(target=_rank, args=(r, world, port, kind, image_size, queue)) for r in range(world)]
-    for p in procs:
-        p.start()
-    results = dict(queue.get(timeout=900) for _ in procs)
-    for p in procs:
-        p.join(timeout=120)
-        if p.exitcode != 0:
-            raise RuntimeError(f"{kind} rank process exited with {p.exitcode}")
-    return [results[r] for r in range(world)]
+    return on_ranks(_rank, world, kind, image_size)
 
 
 def main() -> None:

@@ -129,21 +129,39 @@ def local_rank() -> int:
     return detect().local_rank if dist.is_initialized() else 0
 
 
-def barrier() -> None:
+def side_group(timeout_s: float = 600.0) -> dist.ProcessGroup | None:
+    """A gloo group over every rank for work on another thread (background checkpoints), so its collectives
+    never interleave with the training thread's on the default group. Every rank must call this, in the same
+    order. None without a process group."""
+    if not dist.is_initialized():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
-def first_error(error: str | None) -> str | None:
+def first_error(error: str | None, group: dist.ProcessGroup | None = None) -> str | None:
     """Share each rank's error (or None); every rank gets the first one, so all raise together."""
     if not dist.is_initialized():
         return error
-    errors: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(errors, error)
+    errors: list[str | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
     for r, e in enumerate(errors):
         if e is not None:
             return f"rank {r}: {e}"
     return None
+
+
+def merged(mine: dict[str, str], group: dist.ProcessGroup | None = None) -> dict[str, str]:
+    """Every rank's ``mine`` merged (on every rank): e.g. the checksums each rank computed of its own files."""
+    if not dist.is_initialized():
+        return dict(mine)
+    parts: list[dict[str, str] | None] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, mine, group=group)
+    return {k: v for part in parts for k, v in (part or {}).items()}
 
 
 def any_true(flag: bool) -> bool:

@@ -23,7 +23,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from runner import build, distributed, history, parallel
 from runner.checkpoint import manifest
-from runner.checkpoint.async_save import async_possible
 from runner.checkpoint.layout import CKPT_DIR
 from runner.checkpoint.manifest import CheckpointRef
 from runner.checkpoint.resume import find_resume, load_newest
@@ -224,15 +223,14 @@ class Run:
             self.config_hash,
             uploaded=uploaded,
             replicated=self.parallel.kind == "ddp",
+            # NOTE: every rank creates the group here, in the same order, as new_group requires.
+            group=distributed.side_group(self.trainer.dist_timeout_s) if self.trainer.async_ckpt else None,
         )
         self.stack.push(self._close_checkpointer)
-        # TODO(issue 13): async saves with several ranks, and of sharded (DTensor) state.
-        if self.trainer.async_ckpt and async_possible(distributed.world_size()) and self.parallel.kind == "ddp":
+        if self.trainer.async_ckpt:
             # NOTE: the loop calls fence() before each optimizer step, so copies may be deferred to the worker.
             pin = self.device.type == "cuda"
             ckpt.enable_async(self.trainer.ckpt_in_flight, pin=pin, defer_copy=True)
-        elif self.trainer.async_ckpt:
-            log.info("trainer.async_ckpt: checkpoints of this run are written synchronously")
         if syncer is not None:
             syncer.start()
         return ckpt

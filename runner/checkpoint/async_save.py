@@ -19,7 +19,12 @@ Contract (see DESIGN.md, "Checkpoint contract"):
 * ``save(..., block=True)`` and :meth:`wait` return only once the checkpoint is committed (final save,
   preemption).
 
-Only single-process runs write in the background (see :func:`async_possible`).
+With several ranks (DDP or FSDP) every rank snapshots its own share (a DTensor's local shard under FSDP)
+and its worker writes it through a process group of its own (``Checkpointer.group``), so the save's
+collectives never interleave with training's. The ranks must then take the same decisions at the same
+step: whether to skip a save (``agree``) and when a failed save is raised (at the next save, wait or close,
+never mid-step, since each rank's worker may finish at a different step; the save's own error sharing makes
+every rank's save fail together).
 """
 
 from __future__ import annotations
@@ -34,22 +39,18 @@ from typing import Any
 
 import numpy
 import torch
+from torch.distributed.tensor import DTensor
+
+from runner.checkpoint.errors import CheckpointError, one_line
 
 log = logging.getLogger(__name__)
 
 IN_FLIGHT = ("wait", "skip")
 
 
-def async_possible(world_size: int) -> bool:
-    """Whether a background write is safe here.
-
-    NOTE: with several ranks, ``Checkpointer.save`` runs collectives (barrier, DCP's plan exchange, the
-    shared error) on the default process group. From a background thread they would interleave with
-    DDP's all-reduces on the training thread, in a different order on each rank: a hang or a wrong
-    result. A separate gloo group for checkpoint traffic (what ``dcp.async_save`` does) would fix it;
-    until then multi-rank runs save synchronously.
-    """
-    return world_size == 1
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds: a DTensor's local shard, or the tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 @dataclass
@@ -97,14 +98,14 @@ class Snapshot:
         out: dict[str, Any] = {}
         for section, tensors in payload.items():
             out[section] = {}
-            for key, t in tensors.items():
-                t = t.detach()
+            for key, live in tensors.items():
+                t = _local(live.detach())
                 buf = self._buffer(f"{section}.{key}", t)
                 if defer is not None and t.device.type == "cpu" and defer(t):
                     self._deferred.append((f"{section}.{key}", buf, t, t._version))
                 else:
                     _copy(buf, t)
-                out[section][key] = buf
+                out[section][key] = _like(live, buf)
         if self._deferred:
             self._landed.clear()
         if self.pin and torch.cuda.is_available():
@@ -153,6 +154,16 @@ class Snapshot:
         return buf
 
 
+def _like(live: torch.Tensor, buf: torch.Tensor) -> torch.Tensor:
+    """``buf`` in the form DCP must see: a DTensor of the same mesh, placements and global shape as ``live``
+    (no communication: the layout is given), or the plain buffer."""
+    if not isinstance(live, DTensor):
+        return buf
+    return DTensor.from_local(
+        buf, live.device_mesh, live.placements, run_check=False, shape=live.shape, stride=live.stride()
+    )
+
+
 def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
     """``dst.copy_(src)``; large CPU tensors as one single-threaded memcpy that releases the GIL.
 
@@ -168,9 +179,11 @@ def _copy(dst: torch.Tensor, src: torch.Tensor) -> None:
 
 def optimizer_owned(state: Any) -> Callable[[torch.Tensor], bool]:
     """Predicate: is this tensor changed only by the optimizer step (a parameter or optimizer state)?"""
-    storages = {p.untyped_storage().data_ptr() for p in state.model.parameters()}
+    storages = {_local(p).untyped_storage().data_ptr() for p in state.model.parameters()}
     for per_param in state.optimizer.state.values():
-        storages.update(v.untyped_storage().data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor))
+        storages.update(
+            _local(v).untyped_storage().data_ptr() for v in per_param.values() if isinstance(v, torch.Tensor)
+        )
     return lambda t: t.untyped_storage().data_ptr() in storages
 
 
@@ -187,6 +200,7 @@ class AsyncSaver:
         in_flight: str = "wait",
         pin: bool = False,
         defer_copy: bool = False,
+        agree: Callable[[str | None], str | None] | None = None,
     ) -> None:
         if in_flight not in IN_FLIGHT:
             raise ValueError(f"trainer.ckpt_in_flight={in_flight!r}: choose one of {', '.join(IN_FLIGHT)}")
@@ -196,6 +210,10 @@ class AsyncSaver:
         self.snapshot = Snapshot(pin=pin)
         #: Leave copies of parameters and optimizer state to the worker (the caller must :meth:`fence`).
         self.defer_copy = defer_copy
+        #: With several ranks: ``agree(error or None)`` gives every rank the first rank's error (a collective,
+        #: ``distributed.first_error``), so all ranks skip the same saves and fail the same snapshots; a
+        #: failed write then surfaces only at save/wait/close (see the module docstring).
+        self.agree = agree
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-writer")
         self._pending: Future[str] | None = None
         self._pending_step = -1
@@ -217,7 +235,8 @@ class AsyncSaver:
         still in flight (``trainer.ckpt_in_flight=skip``).
         """
         started = time.perf_counter()
-        if self.busy and self.in_flight == "skip" and not block:
+        skip = self.in_flight == "skip" and not block and self._agreed(self.busy)
+        if skip:
             self.skipped += 1
             log.warning(
                 "step %d: checkpoint skipped, the one for step %d is still being written "
@@ -228,9 +247,7 @@ class AsyncSaver:
             self.last_stall_s = time.perf_counter() - started
             return ""
         self.wait()  # at most one in flight; also raises a failure of the previous one
-        tensors, meta = state.tensors_and_meta()
-        defer = optimizer_owned(state) if self.defer_copy and hasattr(state, "optimizer") else None
-        frozen = Frozen(state.step, self.snapshot.copy(tensors, defer), meta)
+        frozen = self._freeze(state)
         with self._lock:
             try:
                 self._pending = self._pool.submit(self._write, frozen)
@@ -243,6 +260,29 @@ class AsyncSaver:
             return self.wait() or ""
         return self._folder_of(frozen.step)
 
+    def _freeze(self, state: Any) -> Frozen:
+        """The snapshot; with several ranks, a failure on any rank raises on every rank (no worker is left
+        waiting for a peer that never starts its write)."""
+        error: Exception | None = None
+        try:
+            tensors, meta = state.tensors_and_meta()
+            defer = optimizer_owned(state) if self.defer_copy and hasattr(state, "optimizer") else None
+            frozen = Frozen(state.step, self.snapshot.copy(tensors, defer), meta)
+        except Exception as e:
+            if self.agree is None:
+                raise
+            error = e
+        if self.agree is not None:
+            reason = self.agree(one_line(error) if error is not None else None)
+            if reason is not None:
+                self.snapshot.abandon()
+                raise CheckpointError(f"saving checkpoint at step {state.step} failed: {reason}") from error
+        return frozen
+
+    def _agreed(self, busy: bool) -> bool:
+        """Busy here, or (with several ranks) on any rank."""
+        return self.agree("busy" if busy else None) is not None if self.agree is not None else busy
+
     def _write(self, frozen: Frozen) -> str:
         self.snapshot.finish()
         return self._write_fn(frozen)
@@ -254,9 +294,12 @@ class AsyncSaver:
         self.last_fence_s = time.perf_counter() - started
 
     def check(self) -> None:
-        """Raise here (the training thread) if the background save has failed; cheap when it has not."""
+        """Raise here (the training thread) if the background save has failed; cheap when it has not.
+
+        With several ranks this waits for the next save, wait or close: a rank raising here alone, a step
+        before or after the others, would leave them in a training collective it never joins."""
         pending = self._pending
-        if pending is not None and pending.done():
+        if self.agree is None and pending is not None and pending.done():
             self.wait()
 
     def wait(self) -> str | None:

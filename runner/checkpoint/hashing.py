@@ -118,3 +118,8 @@ class HashingWriter(FileSystemWriter):
     def checksum(self, path: str) -> str | None:
         """``<algorithm>:<hex>`` of ``path`` if this writer wrote it, else None (hash it by reading it)."""
         return self.fs.digests.get(os.path.abspath(path))
+
+    def checksums(self) -> dict[str, str]:
+        """``{absolute path: <algorithm>:<hex>}`` of every file this writer wrote."""
+        with self.fs._lock:
+            return dict(self.fs.digests)

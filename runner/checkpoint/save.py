@@ -64,6 +64,7 @@ class Checkpointer:
         writer_threads: int = 2,
         uploaded: Callable[[int], bool] | None = None,
         replicated: bool = True,
+        group: Any = None,
     ) -> None:
         self.run_dir = os.path.abspath(run_dir)
         self.keep_latest_k = keep_latest_k
@@ -74,6 +75,10 @@ class Checkpointer:
         self.replicated = replicated
         self.writer_threads = writer_threads
         self.folder = os.path.join(self.run_dir, CKPT_DIR)
+        #: The process group of a save's collectives (None: the default group). Background saves need one of
+        #: their own (``distributed.side_group``): from the writer thread, collectives on the default group
+        #: would interleave with the training thread's, in a different order on each rank.
+        self.group = group
         self._async: AsyncSaver | None = None
 
     # ----------------------------------------------------------------------- sync or async dispatch
@@ -83,7 +88,12 @@ class Checkpointer:
         With ``defer_copy`` even the copy of weights and optimizer state moves to the worker, and the caller
         must call :meth:`fence` before its next optimizer step (the training loop does, via its hooks).
         """
-        self._async = AsyncSaver(self.write, self.folder_of, in_flight=in_flight, pin=pin, defer_copy=defer_copy)
+        if distributed.world_size() > 1 and self.group is None:
+            raise ValueError("async checkpoints with several ranks need a process group of their own (group=)")
+        agree = distributed.first_error if distributed.world_size() > 1 else None
+        self._async = AsyncSaver(
+            self.write, self.folder_of, in_flight=in_flight, pin=pin, defer_copy=defer_copy, agree=agree
+        )
 
     def fence(self) -> None:
         """Before an optimizer step: wait until an async save has copied what the step will change."""
@@ -146,7 +156,7 @@ class Checkpointer:
             if rank == 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 os.makedirs(tmp)
-            distributed.barrier()
+            distributed.barrier(self.group)
             return state.tensors_and_meta()
 
         tensors, meta = self._agreed(step, tmp, prepare)
@@ -156,14 +166,16 @@ class Checkpointer:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
                 warnings.filterwarnings("ignore", message=".*process group.*")
-                dcp.save(tensors, storage_writer=writer)
+                dcp.save(tensors, storage_writer=writer, process_group=self.group)
 
         writer = HashingWriter(tmp, thread_count=self.writer_threads, sync_files=True)
         self._agreed(step, tmp, write)
 
         def commit() -> None:
+            # Each rank hashed its own files while writing them; rank 0 gets every checksum, not every byte.
+            known = distributed.merged(writer.checksums(), self.group)
             if rank == 0:
-                self._commit(tmp, final, step, world, known=writer.checksum)
+                self._commit(tmp, final, step, world, known=known.get)
 
         self._agreed(step, tmp, commit)
         log.info("saved checkpoint %s (%.2fs)", final, time.perf_counter() - started)
@@ -182,7 +194,7 @@ class Checkpointer:
         except (Exception, CheckpointException) as e:
             error = one_line(e)
             log.error("checkpoint save at step %d failed on this rank: %s", step, error)
-        error = distributed.first_error(error)
+        error = distributed.first_error(error, self.group)
         if error is not None:
             if distributed.rank() == 0:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,8 +1,11 @@
-"""One rank of the checkpoint-failure test: ``python ckpt_fail_worker.py <run_dir> <phase> <failing rank>``.
+"""One rank of the checkpoint-failure test:
+``python ckpt_fail_worker.py <run_dir> <phase> <failing rank> <sync|async>``.
 
 Joins a gloo process group from RANK/WORLD_SIZE/MASTER_*, saves a small TrainState with every rank and
 makes one rank fail in ``phase`` (prepare: before DCP; write: inside DCP's storage writer; commit: rank
-0's manifest). Prints ``RAISED <message>`` and exits 3 when the save raises; exits 0 if it did not.
+0's manifest). ``async`` saves in the background on a process group of its own, as a multi-rank run does,
+while the main thread runs collectives of its own. Prints ``RAISED <message>`` and exits 3 when the save
+raises; exits 0 if it did not.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from runner.checkpoint.state import TrainState
 from runner.train.data import SyntheticImages, TrainStream
 
 
-def main(run_dir: str, phase: str, failing: int) -> int:
+def main(run_dir: str, phase: str, failing: int, mode: str) -> int:
     env = distributed.detect()
     distributed.init(env, torch.device("cpu"), timeout_s=120)
     torch.manual_seed(0)
@@ -27,7 +30,10 @@ def main(run_dir: str, phase: str, failing: int) -> int:
     stream = TrainStream(SyntheticImages(64, 8, 4, 0.5, 0, 0), 4, 0, env.rank, env.world_size, 0, pin=False)
     state = TrainState(model, optimizer, stream)
     state.step = 7
-    saver = save.Checkpointer(run_dir, keep_latest_k=2, config_hash="test")
+    group = distributed.side_group(120) if mode == "async" else None
+    saver = save.Checkpointer(run_dir, keep_latest_k=2, config_hash="test", group=group)
+    if mode == "async":
+        saver.enable_async()
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError(f"injected failure on rank {env.rank}")
@@ -43,6 +49,9 @@ def main(run_dir: str, phase: str, failing: int) -> int:
             raise SystemExit(f"unknown phase {phase!r}")
     try:
         saver.save(state)
+        for _ in range(20):  # training's collectives, on the default group, while the save runs
+            distributed.all_mean(torch.ones(1))
+        saver.wait()
     except errors.CheckpointError as e:
         print(f"RAISED {e}", flush=True)
         return 3
@@ -52,4 +61,4 @@ def main(run_dir: str, phase: str, failing: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]))

@@ -76,8 +76,11 @@ def test_torchrun_two_ranks_matches_one_process_with_the_same_global_batch(tmp_p
     assert (tmp_path / "outputs" / "from_ddp" / "checkpoints" / "step_4" / "manifest.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
 @pytest.mark.parametrize(("phase", "failing"), [("prepare", 1), ("write", 1), ("commit", 0)])
-def test_a_rank_failing_during_a_save_makes_every_rank_raise(tmp_path: Path, phase: str, failing: int) -> None:
+def test_a_rank_failing_during_a_save_makes_every_rank_raise(
+    tmp_path: Path, phase: str, failing: int, mode: str
+) -> None:
     port = free_port()
     procs = []
     for rank in range(2):
@@ -86,7 +89,7 @@ def test_a_rank_failing_during_a_save_makes_every_rank_raise(tmp_path: Path, pha
         worker = REPO / "tests" / "integration" / "ckpt_fail_worker.py"
         procs.append(
             subprocess.Popen(
-                [sys.executable, str(worker), str(tmp_path), phase, str(failing)],
+                [sys.executable, str(worker), str(tmp_path), phase, str(failing), mode],
                 env=env,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,

@@ -172,6 +172,34 @@ def test_skip_mode_skips_while_one_is_in_flight_but_never_a_blocking_save(tmp_pa
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_1", "step_3"]
 
 
+def test_with_several_ranks_a_save_is_skipped_when_any_rank_is_busy_and_a_snapshot_fails_everywhere(
+    tmp_path: Path,
+) -> None:
+    """``agree`` stands in for the collective (distributed.first_error) that gives every rank the same
+    decision: here the other rank is still writing, or its snapshot failed, while this one is fine."""
+    other: dict[str, str | None] = {"says": None}
+    asked: list[str | None] = []
+
+    def agree(mine: str | None) -> str | None:
+        asked.append(mine)
+        return mine if mine is not None else other["says"]
+
+    state = make_state()
+    ckpt = Checkpointer(str(tmp_path), 5, "x")
+    writes: list[int] = []
+    ckpt._async = AsyncSaver(lambda f: writes.append(f.step) or "", ckpt.folder_of, in_flight="skip", agree=agree)
+    train_steps(state, 1)
+    other["says"] = "busy"
+    assert ckpt.save(state) == "" and writes == []  # skipped here too: no rank writes a save others skip
+    other["says"] = "rank 1: OSError: disk on fire"
+    with pytest.raises(CheckpointError, match="step 1 failed: rank 1: OSError: disk on fire"):
+        ckpt.save(state, block=True)  # a blocking save is never skipped, but a failed snapshot fails it
+    other["says"] = None
+    ckpt.save(state, block=True)
+    ckpt.close()
+    assert writes == [1] and None in asked
+
+
 def test_snapshot_buffers_are_reused_across_saves(tmp_path: Path) -> None:
     state = make_state()
     train_steps(state, 1)  # optimizer state exists from here on
