@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.ranks import on_ranks
+from bench.ranks import on_ranks, vitb16
 
 TARGET = 0.05
 
@@ -41,31 +41,12 @@ class _NoData:
 
 
 def _rank(rank: int, world: int, kind: str, image_size: int, rounds: int, root: str) -> dict[str, list[float]]:
-    import torch
-    import torch.nn.functional as F
-
-    from runner import distributed, parallel
+    from runner import distributed
     from runner.checkpoint.save import Checkpointer
     from runner.checkpoint.state import TrainState
-    from runner.config import ParallelConfig, ParallelKind
-    from runner.models.vit import VisionTransformer
-    from runner.train.optim import param_groups
 
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=image_size, patch_size=16, num_classes=1000, width=768, depth=12, heads=12)
-    cfg = ParallelConfig(kind=ParallelKind(kind))
-    model = parallel.prepare(model, cfg, activation_checkpointing=False, device=torch.device("cpu"))
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    forward = parallel.wrap(model, cfg, torch.device("cpu"), compile_model=False)
-    images, labels = torch.randn(2, 3, image_size, image_size), torch.randint(1000, (2,))
+    model, optimizer, train_step, _ = vitb16(kind, image_size)
     state = TrainState(model=model, optimizer=optimizer, data=_NoData())
-
-    def train_step(fence: Any = lambda: None) -> None:
-        F.cross_entropy(forward(images), labels).backward()
-        fence()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
     train_step()
     replicated = kind == "ddp"
     sync = Checkpointer(os.path.join(root, kind, "sync"), keep_latest_k=1, config_hash="bench", replicated=replicated)

@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.ranks import on_ranks
+from bench.ranks import on_ranks, vitb16
 
 TARGET = 0.55
 
@@ -45,22 +45,9 @@ def _rank(rank: int, world: int, kind: str, image_size: int) -> dict[str, int]:
     import resource
 
     import torch
-    import torch.nn.functional as F
 
-    from runner import parallel
-    from runner.config import ParallelConfig, ParallelKind
-    from runner.models.vit import VisionTransformer
-    from runner.train.optim import param_groups
-
-    torch.manual_seed(0)
-    model = VisionTransformer(image_size=image_size, patch_size=16, num_classes=1000, width=768, depth=12, heads=12)
-    cfg = ParallelConfig(kind=ParallelKind(kind))
-    model = parallel.prepare(model, cfg, activation_checkpointing=False, device=torch.device("cpu"))
-    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
-    forward = parallel.wrap(model, cfg, torch.device("cpu"), compile_model=False)
-    images, labels = torch.randn(2, 3, image_size, image_size), torch.randint(1000, (2,))
-    F.cross_entropy(forward(images), labels).backward()
-    optimizer.step()
+    model, optimizer, step, forward = vitb16(kind, image_size)
+    step()
     params = list(model.parameters())
     grads = [p.grad for p in params if p.grad is not None]
     moments = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor) and v.dim()]

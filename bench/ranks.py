@@ -50,3 +50,32 @@ def on_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 18
     if failed:
         raise RuntimeError(f"{getattr(fn, '__name__', fn)}: rank processes exited with {failed}")
     return [results[r] for r in range(world)]
+
+
+def vitb16(kind: str, image_size: int) -> tuple[Any, Any, Callable[..., None], Any]:
+    """ViT-B/16 + AdamW built as ``python -m runner model=vitb16 parallel=<kind>`` builds it, on this rank:
+    (model, optimizer, step, forward) where ``step(fence)`` trains one step on a batch of 2 (``fence`` runs between
+    backward and the optimizer step, where the training loop fences an async checkpoint)."""
+    import torch
+    import torch.nn.functional as F
+
+    from runner import parallel
+    from runner.config import ParallelConfig, ParallelKind
+    from runner.models.vit import VisionTransformer
+    from runner.train.optim import param_groups
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=image_size, patch_size=16, num_classes=1000, width=768, depth=12, heads=12)
+    cfg = ParallelConfig(kind=ParallelKind(kind))
+    model = parallel.prepare(model, cfg, activation_checkpointing=False, device=torch.device("cpu"))
+    optimizer = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-4)
+    forward = parallel.wrap(model, cfg, torch.device("cpu"), compile_model=False)
+    images, labels = torch.randn(2, 3, image_size, image_size), torch.randint(1000, (2,))
+
+    def step(fence: Callable[[], None] = lambda: None) -> None:
+        optimizer.zero_grad(set_to_none=True)  # first, so the gradients stay for whoever measures them
+        F.cross_entropy(forward(images), labels).backward()
+        fence()
+        optimizer.step()
+
+    return model, optimizer, step, forward

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.ports import free_port
+
 #: Dummy credentials moto accepts; tests plant their own secret values on top where they need to.
 DUMMY_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -32,12 +35,6 @@ DUMMY_ENV = {
     "AWS_CONFIG_FILE": os.devnull,
     "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
 }
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class S3Server:
@@ -168,8 +165,20 @@ def remote_tree(server: S3Server, bucket: str, prefix: str) -> dict[str, str]:
     return {rel: sha(server.read(bucket, prefix + rel)) for rel in server.objects(bucket, prefix)}
 
 
-def committed_steps(run_dir: Path) -> set[int]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return set()
-    return {int(p.name[5:]) for p in folder.glob("step_*") if p.name[5:].isdigit() and (p / "manifest.json").exists()}
+def s3_args(endpoint: str, bucket: str, every: str = "1s") -> list[str]:
+    """The overrides of a run that syncs to ``s3://<bucket>/runs`` at ``endpoint`` every ``every``."""
+    return [
+        "storage=s3",
+        f"storage.url=s3://{bucket}/runs",
+        f"storage.endpoint_url={endpoint}",
+        f"storage.sync_every={every}",
+    ]
+
+
+def remote_steps(server: S3Server, bucket: str) -> set[int]:
+    """Steps whose manifest is on the server under ``runs/`` (read directly, never through a proxy)."""
+    return {
+        int(m.group(1))
+        for key in server.objects(bucket, "runs/")
+        if (m := re.search(r"/checkpoints/step_(\d+)/manifest\.json$", key))
+    }

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from runner.checkpoint.load import read_tensors
 from runner.train.metrics import read_metrics
 from tests.conftest import cli_env, run_cli
+from tests.helpers.runs import final_tensors
 
 ARGS = [
     "+debug=tiny",
@@ -24,10 +24,6 @@ ARGS = [
     "trainer.log_every=3",  # deliberately not a divisor of ckpt_every: windows span the resume
     "trainer.eval_every=10",
 ]
-
-
-def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_tensors(str(run_dir / "checkpoints" / "step_40"))
 
 
 def losses(run_dir: Path) -> dict[tuple[str, int], float]:
@@ -58,7 +54,7 @@ def test_sigkill_then_rerun_resumes_bitwise_identically(tmp_path: Path) -> None:
     assert f"resuming from step {killed_at}" in first_line, again.stdout[:2000]
     assert "trainer.resume=none" in first_line
 
-    a, b = final_tensors(straight), final_tensors(interrupted)
+    a, b = final_tensors(straight, 40), final_tensors(interrupted, 40)
     assert a.keys() == b.keys() and len(a) > 0
     for key in a:
         assert torch.equal(a[key], b[key]), key

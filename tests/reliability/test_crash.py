@@ -31,10 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from runner.checkpoint.load import read_tensors
 from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage
 from tests.conftest import cli_env, run_cli
+from tests.helpers.runs import committed_steps, final_tensors
 from tests.reliability import summary
 from tests.reliability.conftest import trials
 
@@ -62,17 +62,6 @@ class Trial:
     resumed_from: int | None = None
 
 
-def committed_steps(run_dir: Path) -> list[int]:
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(r"step_(\d+)", p.name)))
-
-
-def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    return read_tensors(str(run_dir / "checkpoints" / f"step_{MAX_STEPS}"))
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch.Tensor], float]:
     """One uninterrupted run: its final tensors, and how long its training loop took."""
@@ -80,7 +69,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, torch
     proc = run_cli([*ARGS, f"hydra.run.dir={root / 'run'}"], cwd=root)
     took = re.search(r"finished at step \d+ in ([\d.]+)s", proc.stdout + proc.stderr)
     assert took is not None, proc.stdout[-2000:]
-    return final_tensors(root / "run"), float(took.group(1))
+    return final_tensors(root / "run", MAX_STEPS), float(took.group(1))
 
 
 def _kill_one(trial: Trial, run_dir: Path, cwd: Path, train_s: float) -> None:
@@ -128,7 +117,7 @@ def test_sigkill_at_random_instants_resumes_bitwise_identically(
             continue
 
         # (a) nothing committed is torn: every step_<N> verifies against its manifest.
-        steps = committed_steps(run_dir)
+        steps = sorted(committed_steps(run_dir))
         for step in steps:
             manifest, reason = verify(LocalStorage(str(run_dir)), f"checkpoints/step_{step}")
             assert manifest is not None, f"trial {index}: committed step_{step} is torn: {reason}"
@@ -142,7 +131,7 @@ def test_sigkill_at_random_instants_resumes_bitwise_identically(
             assert "starting fresh" in head, f"trial {index}: {head}"
         assert "skipping checkpoint" not in again.stdout + again.stderr
         # (c) bitwise identical to the uninterrupted run.
-        got = final_tensors(run_dir)
+        got = final_tensors(run_dir, MAX_STEPS)
         assert got.keys() == expected.keys() and len(got) > 0
         for key in expected:
             assert torch.equal(got[key], expected[key]), f"trial {index}: {key} differs"

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import cli_env
+from tests.helpers.ports import free_port
 from tests.reliability import summary
 
 pytestmark = [pytest.mark.dist]
@@ -40,15 +40,9 @@ ARGS = [
 EXIT_BOUND_S = 180.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def ranks(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
-    port = _free_port()
+    port = free_port()
     procs: list[subprocess.Popen[bytes]] = []
     for rank in range(2):
         env = cli_env(

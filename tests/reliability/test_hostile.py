@@ -19,9 +19,9 @@ from runner.checkpoint.save import Checkpointer
 from runner.checkpoint.state import decode
 from runner.storage import LocalStorage
 from tests.conftest import run_cli
+from tests.helpers.state import make_state, train_steps
 from tests.reliability import summary
 from tests.reliability.conftest import full
-from tests.unit.test_checkpoint import make_state, train_steps
 
 ROW = summary.ROWS[7]
 
@@ -169,7 +169,7 @@ def test_pickle_in_tensor_data_cannot_run_code(tmp_path: Path) -> None:
 
     from runner.checkpoint import errors
     from runner.checkpoint import load as loading
-    from tests.unit.test_checkpoint import Payload, _rewrite_manifest
+    from tests.helpers.state import Payload, rewrite_manifest
 
     state = make_state()
     train_steps(state, 1)
@@ -185,7 +185,7 @@ def test_pickle_in_tensor_data_cannot_run_code(tmp_path: Path) -> None:
     metadata.storage_data[index] = type(info)(relative_path="evil.distcp", offset=0, length=len(blob.getvalue()))
     with open(folder / ".metadata", "wb") as f:
         pickle.dump(metadata, f)
-    _rewrite_manifest(str(folder))  # the attacker makes the manifest agree
+    rewrite_manifest(str(folder))  # the attacker makes the manifest agree
 
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 1

@@ -28,9 +28,10 @@ from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage, checksum
 from tests.conftest import IN_CI, cli_env, run_cli
 from tests.fault_proxy import FaultProxy
+from tests.helpers.runs import committed_steps
 from tests.reliability import summary
 from tests.reliability.conftest import full
-from tests.s3_server import S3Server, committed_steps, dummy_credentials, local_tree, remote_tree
+from tests.s3_server import S3Server, dummy_credentials, local_tree, remote_steps, remote_tree, s3_args
 
 #: The default session runs the erroring-store case and one damage kind (to stay in its time budget); the
 #: outages, the slow link and the kills mid-upload run in the full suite (``full_suite`` marker).
@@ -71,24 +72,6 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     root = tmp_path_factory.mktemp("reference")
     run_cli([*ARGS, f"hydra.run.dir={root / 'run'}"], cwd=root)
     return read_tensors(str(root / "run" / "checkpoints" / f"step_{STEPS}"))
-
-
-def s3_args(endpoint: str, bucket: str) -> list[str]:
-    return [
-        "storage=s3",
-        f"storage.url=s3://{bucket}/runs",
-        f"storage.endpoint_url={endpoint}",
-        "storage.sync_every=1s",
-    ]
-
-
-def remote_steps(server: S3Server, bucket: str) -> set[int]:
-    """Steps whose manifest is on the server (read directly, never through the proxy)."""
-    return {
-        int(m.group(1))
-        for key in server.objects(bucket, "runs/")
-        if (m := re.search(r"/checkpoints/step_(\d+)/manifest\.json$", key))
-    }
 
 
 def assert_remote_checkpoints_complete(server: S3Server, bucket: str) -> None:

@@ -21,7 +21,7 @@ from runner.storage import LocalStorage
 from runner.train.loop import Context, Hooks, Loop
 from runner.train.metrics import NullSink
 from runner.train.optim import ConstSchedule
-from tests.unit.test_checkpoint import make_state, train_steps
+from tests.helpers.state import make_state, train_steps
 
 
 def same_checkpoint(a: str, b: str) -> None:

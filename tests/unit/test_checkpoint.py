@@ -21,41 +21,9 @@ from runner.checkpoint.layout import MANIFEST
 from runner.checkpoint.load import read_tensors
 from runner.checkpoint.manifest import newest_valid
 from runner.checkpoint.save import Checkpointer
-from runner.checkpoint.state import TrainState
-from runner.models.vit import VisionTransformer
 from runner.storage import LocalStorage, checksum
-from runner.storage.local import sha256_file
-from runner.train.data import SyntheticImages, TrainStream
-from runner.train.optim import param_groups
 from tests.conftest import unavailable
-
-
-def make_state(init_seed: int = 0) -> TrainState:
-    """Same data config every time; ``init_seed`` only changes the model's initial weights."""
-    seed = 0
-    torch.manual_seed(init_seed)
-    model = VisionTransformer(image_size=16, patch_size=8, num_classes=4, width=16, depth=1, heads=2)
-    opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
-    data = TrainStream(SyntheticImages(64, 16, 4, 1.0, seed, 0), 8, seed, 0, 1, 0, pin=False)
-    return TrainState(model, opt, data)
-
-
-def train_steps(state: TrainState, n: int) -> None:
-    for _ in range(n):
-        x, y = next(state.data)
-        loss = torch.nn.functional.cross_entropy(state.model(x), y)
-        loss.backward()
-        state.optimizer.step()
-        state.optimizer.zero_grad()
-        state.step += 1
-
-
-def tensors_of(state: TrainState) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v for k, v in state.model.state_dict().items()}
-    for i, (k, v) in enumerate(state.optimizer.state_dict()["state"].items()):
-        for name, t in v.items():
-            out[f"optim.{i}.{k}.{name}"] = t
-    return out
+from tests.helpers.state import Payload, make_state, rewrite_manifest, tensors_of, train_steps
 
 
 def test_round_trip_continues_bitwise(tmp_path: Path) -> None:
@@ -122,7 +90,7 @@ def test_manifest_checksum_algorithms_old_and_unknown(tmp_path: Path, caplog: py
     # Manifests written with sha256 (earlier versions) still verify; an algorithm this version does not
     # know makes the checkpoint unverifiable: skipped with a warning naming it, the previous one is used.
     _, _, second = _two_checkpoints(tmp_path)
-    _rewrite_manifest(second)  # sha256 checksums
+    rewrite_manifest(second)  # sha256 checksums
     storage = LocalStorage(str(tmp_path))
     assert manifest.verify(storage, "checkpoints/step_2")[0] is not None
     written = json.loads(Path(second, MANIFEST).read_text())
@@ -187,34 +155,11 @@ def test_explicit_resume_of_a_damaged_checkpoint_is_an_error(tmp_path: Path) -> 
         manifest.ref_at(LocalStorage(str(tmp_path / "checkpoints")), "step_2")
 
 
-class Payload:
-    """Runs a command when unpickled."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (os.system, (f"touch {self.marker}",))
-
-
-def _rewrite_manifest(path: str) -> None:
-    """What an attacker does: make the manifest agree with the tampered files."""
-    manifest = json.loads(Path(path, MANIFEST).read_text())
-    manifest["files"] = {}
-    for name in os.listdir(path):
-        if name != MANIFEST:
-            manifest["files"][name] = {
-                "size": os.path.getsize(os.path.join(path, name)),
-                "checksum": sha256_file(os.path.join(path, name)),
-            }
-    Path(path, MANIFEST).write_text(json.dumps(manifest))
-
-
 def test_pickled_metadata_cannot_run_code(tmp_path: Path) -> None:
     _, _, second = _two_checkpoints(tmp_path)
     marker = tmp_path / "pwned"
     Path(second, ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
-    _rewrite_manifest(second)
+    rewrite_manifest(second)
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 2  # integrity checks pass: the attacker fixed the manifest
     with pytest.raises(UnsafeCheckpointError, match=r"(posix|os)\.system"):
@@ -235,7 +180,7 @@ def test_pickled_tensor_entry_cannot_run_code(tmp_path: Path) -> None:
         if name.endswith(".distcp") or name == ".metadata":
             os.remove(os.path.join(second, name))
     dcp.save(nested, storage_writer=FileSystemWriter(second))
-    _rewrite_manifest(second)
+    rewrite_manifest(second)
     ref = newest_valid(LocalStorage(str(tmp_path)))
     assert ref is not None and ref.step == 2
     with pytest.raises(UnsafeCheckpointError, match=r"model\.head\.bias"):

@@ -11,7 +11,7 @@ import torch
 from runner import export
 from runner.checkpoint.load import read_tensors
 from runner.checkpoint.save import Checkpointer
-from tests.unit.test_checkpoint import make_state, train_steps
+from tests.helpers.state import make_state, train_steps
 
 
 def _checkpoint(tmp_path: Path) -> tuple[Path, dict[str, torch.Tensor]]:

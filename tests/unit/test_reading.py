@@ -17,7 +17,7 @@ from runner.checkpoint import errors, manifest, resume, save
 from runner.checkpoint import load as loading
 from runner.checkpoint.load import CorruptCheckpoint, OnePassReader, SafeLoadPlanner
 from runner.storage import LocalStorage, checksum
-from tests.unit.test_checkpoint import make_state, tensors_of, train_steps
+from tests.helpers.state import make_state, tensors_of, train_steps
 
 BIG = loading.SMALL_RECORD // 4 + 1000  # float32 elements: a record read the large-record way
 

@@ -19,20 +19,13 @@ from runner.checkpoint.load import read_tensors
 from runner.train.metrics import read_metrics
 from tests.conftest import REPO, TINY, cli_env, run_cli
 from tests.gated_data import ENV as GATES
-from tests.s3_server import S3Server, committed_steps, local_tree, remote_tree
+from tests.helpers.dist import torchrun
+from tests.helpers.runs import committed_steps
+from tests.s3_server import S3Server, local_tree, remote_steps, remote_tree, s3_args
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
 EVERY_S = 1.0
-
-
-def s3_args(server: S3Server, bucket: str, every: str = "1s") -> list[str]:
-    return [
-        "storage=s3",
-        f"storage.url=s3://{bucket}/runs",
-        f"storage.endpoint_url={server.endpoint}",
-        f"storage.sync_every={every}",
-    ]
 
 
 def run_name(run_dir: Path) -> str:
@@ -57,14 +50,6 @@ def remote_arrivals(server: S3Server, bucket: str) -> dict[int, float]:
             if key.endswith("/manifest.json") and "/checkpoints/step_" in key:
                 out[int(key.split("/")[-2][5:])] = obj["LastModified"].timestamp()
     return out
-
-
-def remote_steps(server: S3Server, bucket: str) -> set[int]:
-    return {
-        int(key.split("/")[-2][5:])
-        for key in server.objects(bucket, "runs/")
-        if key.endswith("/manifest.json") and "/checkpoints/step_" in key
-    }
 
 
 def popen_cli(args: list[str], cwd: Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -97,7 +82,7 @@ def test_checkpoints_appear_remotely_within_an_interval_and_trees_match(
     # slack by several checkpoints even when nothing else is running; 60 tiny steps took only 2 s there.
     args = [
         *TINY,
-        *s3_args(s3_server, bucket),
+        *s3_args(s3_server.endpoint, bucket),
         "data.image_size=32",
         "model.patch_size=4",
         "trainer.batch_size=64",
@@ -160,7 +145,7 @@ def test_resume_from_remote_after_losing_the_machine_is_bitwise_identical(
     # NOTE: a constant LR schedule: a cosine one depends on max_steps, so "the same command with more
     # steps" would legitimately train differently from an uninterrupted 12-step run.
     run_dir = tmp_path / "run"
-    args = [*TINY, "sched=const", *s3_args(s3_server, bucket), f"hydra.run.dir={run_dir}"]
+    args = [*TINY, "sched=const", *s3_args(s3_server.endpoint, bucket), f"hydra.run.dir={run_dir}"]
     first = run_cli([*args, "trainer.max_steps=6"], REPO)
     name = run_name(run_dir)
     shutil.rmtree(run_dir)  # The machine (and its scratch disk) is gone.
@@ -191,7 +176,7 @@ def test_a_resume_on_a_new_machine_keeps_every_metrics_record_once(
     """
     run_dir, batch = tmp_path / "run", 8
     stop = tmp_path / "never-opened"
-    args = [*TINY, *s3_args(s3_server, bucket), "data._target_=tests.gated_data.gated_splits"]
+    args = [*TINY, *s3_args(s3_server.endpoint, bucket), "data._target_=tests.gated_data.gated_splits"]
     args += ["trainer.log_every=10", "trainer.ckpt_every=20", "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"]
     run_cli([*args, "trainer.max_steps=100"], REPO)
     name = run_name(run_dir)
@@ -232,7 +217,7 @@ def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_se
     # Each requeue is a new process of the same run; the checkpoints earlier processes uploaded are the
     # run's own, so keep_latest_k bounds them too (the one a process resumed from is kept while it runs).
     run_dir = tmp_path / "run"
-    args = [*TINY, *s3_args(s3_server, bucket), "trainer.keep_latest_k=1", f"hydra.run.dir={run_dir}"]
+    args = [*TINY, *s3_args(s3_server.endpoint, bucket), "trainer.keep_latest_k=1", f"hydra.run.dir={run_dir}"]
     for steps in (6, 12, 18):
         done = run_cli([*args, f"trainer.max_steps={steps}"], REPO)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -244,7 +229,7 @@ def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_se
 
 def test_resume_from_a_named_remote_checkpoint(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
     source = tmp_path / "source"
-    run_cli([*TINY, *s3_args(s3_server, bucket), "trainer.max_steps=6", f"hydra.run.dir={source}"], REPO)
+    run_cli([*TINY, *s3_args(s3_server.endpoint, bucket), "trainer.max_steps=6", f"hydra.run.dir={source}"], REPO)
     url = f"s3://{bucket}/runs/{run_name(source)}/checkpoints/step_3"
     other = tmp_path / "other"
     proc = run_cli(
@@ -275,7 +260,7 @@ def test_outage_mid_run_training_continues_and_final_sync_catches_up(tmp_path: P
     log = tmp_path / "out.log"
     down, back = tmp_path / "server-down", tmp_path / "server-back"
     batch = 8
-    args = [*TINY, *s3_args(server, bucket), "data._target_=tests.gated_data.gated_splits"]
+    args = [*TINY, *s3_args(server.endpoint, bucket), "data._target_=tests.gated_data.gated_splits"]
     args += [f"trainer.batch_size={batch}", "trainer.max_steps=60", "trainer.ckpt_every=10", "trainer.eval_every=30"]
     gates = {"RUNNER_TEST_GATES": f"{20 * batch}:{down},{50 * batch}:{back}"}
     proc = popen_cli([*args, f"hydra.run.dir={run_dir}"], REPO, log, env=gates)
@@ -310,7 +295,7 @@ def test_outage_mid_run_training_continues_and_final_sync_catches_up(tmp_path: P
 
 
 def test_failed_final_sync_exits_non_zero(tmp_path: Path, s3_server: S3Server) -> None:
-    from tests.s3_server import free_port
+    from tests.helpers.ports import free_port
 
     dead = f"http://127.0.0.1:{free_port()}"
     proc = run_cli(
@@ -334,14 +319,14 @@ def test_failed_final_sync_exits_non_zero(tmp_path: Path, s3_server: S3Server) -
 @pytest.mark.dist
 def test_two_ranks_resume_from_the_remote_with_one_download(tmp_path: Path, s3_server: S3Server) -> None:
     """A requeue onto a new node: no local copy, two ranks. One download per node, both ranks resume."""
-    from tests.integration.test_distributed import _torchrun
-
     bucket = s3_server.new_bucket("ddp")
-    args = [*TINY, *s3_args(s3_server, bucket, every="1h"), "trainer.batch_size=4", "name=ddp"]
-    _torchrun([*args, "trainer.max_steps=6"], tmp_path)
+    args = [*TINY, *s3_args(s3_server.endpoint, bucket, every="1h"), "trainer.batch_size=4", "name=ddp"]
+    torchrun(["runner", *args, "trainer.max_steps=6"], tmp_path)
     run_dir = tmp_path / "outputs" / "ddp"
     shutil.rmtree(run_dir)
-    out = _torchrun([*args, "trainer.max_steps=9", "trainer.eval_every=9", "trainer.ckpt_every=9"], tmp_path).stdout
+    out = torchrun(
+        ["runner", *args, "trainer.max_steps=9", "trainer.eval_every=9", "trainer.ckpt_every=9"], tmp_path
+    ).stdout
     assert f"resuming from step 6 (checkpoint s3://{bucket}/runs/ddp/checkpoints/step_6)" in out, out[-3000:]
     logs = {r: (run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 1)}
     assert [r for r in (0, 1) if "downloading checkpoint" in logs[r]] == [0], logs
