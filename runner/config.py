@@ -199,9 +199,10 @@ class SyntheticConfig(DataConfig):
 class Transform(enum.StrEnum):
     """How an image becomes a model input, for training and evaluation at once (runner/train/data.py)."""
 
-    # Both splits: the whole image resized to data.image_size (squashed if it is not square).
+    # Both splits: the whole image resized to data.image_size (squashed if it is not square); no augmentation.
     resize = "resize"
-    # Training: a random-resized crop (area data.rrc_scale, aspect data.rrc_ratio) resized to data.image_size.
+    # Training: a random-resized crop (area data.rrc_scale, aspect data.rrc_ratio) resized to data.image_size,
+    # then a flip.
     # Evaluation: the centred square of data.eval_crop_pct of the short side, resized to data.image_size.
     rrc = "rrc"
 
@@ -218,8 +219,9 @@ class ImageFolderConfig(DataConfig):
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     # The recipe for both splits, so they agree by construction: resize or rrc (see Transform; docs/data.md).
     transform: Transform = Transform.resize
-    # Training only: mirror each image left-right with probability 1/2.
-    flip: bool = True
+    # Training only: mirror each image left-right with probability 1/2. null = the recipe's: rrc flips, resize
+    # does not (a mirrored digit or letter is another image; set true for photos).
+    flip: bool | None = None
     # transform=rrc: the crop's area as a fraction of the image's, drawn uniformly in [low, high].
     rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     # transform=rrc: the crop's aspect ratio (width / height), drawn log-uniformly in [low, high].

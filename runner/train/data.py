@@ -106,7 +106,7 @@ class ImageTransform:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     kind: str = "resize"
-    flip: bool = True
+    flip: bool = False
     rrc_scale: tuple[float, float] = (0.08, 1.0)
     rrc_ratio: tuple[float, float] = (0.75, 1.3333)
     eval_crop_pct: float = 0.875
@@ -216,7 +216,7 @@ def imagefolder_splits(
     std: list[float],
     seed: int,
     transform: str = "resize",
-    flip: bool = True,
+    flip: bool | None = None,
     rrc_scale: Sequence[float] = (0.08, 1.0),
     rrc_ratio: Sequence[float] = (0.75, 1.3333),
     eval_crop_pct: float = 0.875,
@@ -227,7 +227,7 @@ def imagefolder_splits(
         mean=(float(mean[0]), float(mean[1]), float(mean[2])),
         std=(float(std[0]), float(std[1]), float(std[2])),
         kind=str(transform),
-        flip=bool(flip),
+        flip=str(transform) == "rrc" if flip is None else bool(flip),
         rrc_scale=(float(rrc_scale[0]), float(rrc_scale[1])),
         rrc_ratio=(float(rrc_ratio[0]), float(rrc_ratio[1])),
         eval_crop_pct=float(eval_crop_pct),
