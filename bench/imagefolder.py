@@ -1,7 +1,7 @@
 """Image-folder accuracy: held-out top-1 of ``python -m runner data=imagefolder`` (its default data settings)
 against a bare hand-written PyTorch loop, on real images.
 
-    python bench/imagefolder.py [--seeds 1] [--steps 300] [--threads 1] [--json] [runner overrides ...]
+    python bench/imagefolder.py [--rounds 1] [--steps 300] [--threads 1] [--json] [runner overrides ...]
 
 The data are scikit-learn's digits (1,797 real 8x8 scans, 10 classes), written as a train/val PNG tree
 (80/20, a fixed permutation) at 32x32 (tests/helpers/digits.py, shared with the test). Both train the
@@ -10,8 +10,8 @@ schedule with 20 warmup steps, gradient clipping at 1.0, batch 64, 300 steps, th
 bare loop uses the images as they are (no augmentation); runner uses its defaults for everything but the
 root, class count, image size and loader workers (0: the data are the same whatever the count). Both run
 in this process, one after the other. The figure is ``imagefolder_vs_bare``, runner's top-1 over the bare
-loop's (median over seeds; target >= 0.95). Extra arguments are runner overrides (e.g.
-``data.transform=rrc``) to measure another recipe the same way.
+loop's (median over rounds, round r training both with seed r; target >= 0.95). Extra arguments are
+runner overrides (e.g. ``data.transform=rrc``) to measure another recipe the same way.
 
 tests/integration/test_imagefolder.py runs the same comparison at a quarter of the compute.
 """
@@ -34,7 +34,7 @@ TARGET = 0.95
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=1, help="train both with seeds 0..N-1 (model init, order)")
+    parser.add_argument("--rounds", type=int, default=1, help="round r trains both with seed r (init, order)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", action="store_true")
@@ -50,7 +50,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-imagefolder-") as workdir:
         root = Path(workdir, "digits")
         n_train, n_val = write_digits(root, base.image_size)
-        for seed in range(args.seeds):
+        for seed in range(args.rounds):
             recipe = replace(base, seed=seed)
             started = time.perf_counter()
             bare.append(bare_top1(root, recipe))
@@ -67,7 +67,7 @@ def main() -> None:
         "steps": args.steps,
         "batch": base.batch_size,
         "threads": args.threads,
-        "seeds": args.seeds,
+        "rounds": args.rounds,
         "runner_overrides": args.overrides,
         "bare_top1": round(statistics.median(bare), 4),
         "runner_top1": round(statistics.median(ours), 4),
@@ -80,7 +80,7 @@ def main() -> None:
         print(json.dumps(figures))
         return
     print(f"{figures['dataset']}; vit_tiny, AdamW, cosine, batch {base.batch_size}, {args.steps} steps")
-    print(f"seeds {args.seeds}, medians of held-out top-1\n")
+    print(f"rounds {args.rounds}, medians of held-out top-1\n")
     print(f"| {'trainer':<58} | {'top-1':>7} |")
     print(f"|{'-' * 60}|{'-' * 9}|")
     print(f"| {'bare PyTorch loop (images as they are)':<58} | {figures['bare_top1']:>7.4f} |")
