@@ -90,7 +90,8 @@ def bench(session: nox.Session) -> None:
     start-up vs `import torch`. memory: ViT-B/16 + AdamW training state per rank, FSDP vs DDP, 2 ranks.
     checkpoint_ranks: async checkpoint stall vs a synchronous save at 2 ranks, DDP and FSDP.
     sweep: submitting a 100-member sweep of dry members to the SLURM test cluster (started and stopped by the
-    bench unless already up; needs root) vs `sbatch --array`.
+    bench unless already up; needs root) vs `sbatch --array`. imagefolder: held-out top-1 of `data=imagefolder`
+    with its defaults vs a bare loop, on scikit-learn's digits (the `test` extra installs it).
     Run one alone with `nox -s bench -- --only loop`.
     """
     only = None
@@ -102,7 +103,7 @@ def bench(session: nox.Session) -> None:
     # the `aws` on PATH (any Python's) and says so if there is none.
     session.install("--no-deps", "open_clip_torch")
     # NOTE: bench/sweep.py's hydra-submitit-launcher is a core dependency; the `sweep` extra is only Optuna.
-    for name in ("sync", "checkpoint", "checkpoint_ranks", "loop", "startup", "sweep", "memory"):
+    for name in ("sync", "checkpoint", "checkpoint_ranks", "loop", "startup", "sweep", "memory", "imagefolder"):
         if only in (None, name):
             session.run("python", f"bench/{name}.py", *session.posargs)
 

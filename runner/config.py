@@ -196,6 +196,17 @@ class SyntheticConfig(DataConfig):
         _require(self.noise >= 0, "data.noise", f"must be >= 0, got {self.noise}")
 
 
+class Transform(enum.StrEnum):
+    """How an image becomes a model input, for training and evaluation at once (runner/train/data.py)."""
+
+    # Both splits: the whole image resized to data.image_size (squashed if it is not square); no augmentation.
+    resize = "resize"
+    # Training: a random-resized crop (area data.rrc_scale, aspect data.rrc_ratio) resized to data.image_size,
+    # then a flip.
+    # Evaluation: the centred square of data.eval_crop_pct of the short side, resized to data.image_size.
+    rrc = "rrc"
+
+
 @dataclass
 class ImageFolderConfig(DataConfig):
     _target_: str = "runner.train.data.imagefolder_splits"
@@ -206,6 +217,34 @@ class ImageFolderConfig(DataConfig):
     num_workers: int = 4
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # The recipe for both splits, so they agree by construction: resize or rrc (see Transform; docs/data.md).
+    transform: Transform = Transform.resize
+    # Training only: mirror each image left-right with probability 1/2. null = the recipe's: rrc flips, resize
+    # does not (a mirrored digit or letter is another image; set true for photos).
+    flip: bool | None = None
+    # transform=rrc: the crop's area as a fraction of the image's, drawn uniformly in [low, high].
+    rrc_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    # transform=rrc: the crop's aspect ratio (width / height), drawn log-uniformly in [low, high].
+    rrc_ratio: list[float] = field(default_factory=lambda: [0.75, 1.3333])
+    # transform=rrc: evaluation keeps the centred square of this fraction of the short side (timm's crop_pct).
+    eval_crop_pct: float = 0.875
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("mean", "std"):
+            values = list(getattr(self, name))
+            _require(len(values) == 3, f"data.{name}", f"needs one value per RGB channel (3), got {values}")
+        _require(all(s > 0 for s in self.std), "data.std", f"each must be > 0, got {list(self.std)}")
+        low, high = _pair(self.rrc_scale, "data.rrc_scale")
+        _require(0 < low <= high <= 1, "data.rrc_scale", f"needs 0 < low <= high <= 1, got {list(self.rrc_scale)}")
+        low, high = _pair(self.rrc_ratio, "data.rrc_ratio")
+        _require(0 < low <= high, "data.rrc_ratio", f"needs 0 < low <= high, got {list(self.rrc_ratio)}")
+        _require(0 < self.eval_crop_pct <= 1, "data.eval_crop_pct", f"must be in (0, 1], got {self.eval_crop_pct}")
+
+
+def _pair(values: list[float], key: str) -> tuple[float, float]:
+    _require(len(values) == 2, key, f"needs two values [low, high], got {list(values)}")
+    return float(values[0]), float(values[1])
 
 
 # --------------------------------------------------------------------------- storage

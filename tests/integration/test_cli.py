@@ -43,6 +43,21 @@ def test_max_steps_zero_validates_without_torch_and_leaves_nothing(workdir: Path
     assert bad.returncode == 2 and "opt.lr" in bad.stderr
 
 
+def test_a_bad_image_transform_names_the_value_and_the_choices(workdir: Path) -> None:
+    """The recipe is validated before torch is imported, as every other choice is."""
+    folder = ["data=imagefolder", "data.root=/nowhere", "data.num_classes=3"]
+    proc = run_cli([*folder, "data.transform=crop"], cwd=workdir, check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2 and lines == ["error: data.transform: unknown value 'crop'; choose one of resize, rrc"]
+    bad_range = run_cli([*folder, "data.transform=rrc", "data.eval_crop_pct=1.5"], cwd=workdir, check=False)
+    assert bad_range.returncode == 2 and "error: data.eval_crop_pct: must be in (0, 1]" in bad_range.stderr
+    assert list(workdir.iterdir()) == []
+    ok = run_cli(
+        [*folder, "data.transform=rrc", "trainer.max_steps=0"], cwd=workdir, env={"PYTHONPROFILEIMPORTTIME": "1"}
+    )
+    assert "dry run" in ok.stdout and not re.search(r"\| torch$", ok.stderr, re.MULTILINE)
+
+
 def test_unknown_option_lists_the_choices(workdir: Path) -> None:
     proc = run_cli(["model=nope"], cwd=workdir, check=False)
     assert "vit_tiny" in proc.stderr and "vitb16" in proc.stderr

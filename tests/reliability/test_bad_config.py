@@ -50,6 +50,8 @@ BAD: list[tuple[list[str], str, str]] = [
     (t("trainer.resume="), "trainer.resume", r"must be auto, none or a checkpoint path"),
     (t("opt.betas=[0.9]"), "opt.betas", r"needs two values"),
     (["data=imagefolder"], "data.root", r"set it on the command line"),
+    (["data=imagefolder", "data.root=/d", "data.transform=crop"], "data.transform", r"choose one of resize, rrc"),
+    (["data=imagefolder", "data.root=/d", "data.rrc_scale=[0.5,0.1]"], "data.rrc_scale", r"0 < low <= high <= 1"),
     # inconsistent combinations
     (t("opt=sgd", "opt.nesterov=true", "opt.momentum=0"), "opt.nesterov", r"needs opt\.momentum > 0"),
     (t("model.heads=5"), "model.width", r"choose a model\.heads that divides it"),
