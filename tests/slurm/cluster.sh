@@ -271,6 +271,8 @@ cmd_up() {
     local t0=$SECONDS d any=0
     install -d -m 0755 "$STATE" "$CONF_DIR" "$RUN" "$LOGS" "$STATE/ctld" "$DB_DIR" "${NODES[@]/#/$STATE/slurmd/}"
     install -d -o munge -g munge -m 0755 "$MUNGE_DIR"
+    runuser -u munge -- test -w "$MUNGE_DIR" \
+        || die "munged runs as user munge and cannot reach $MUNGE_DIR: pick a RUNNER_SLURM_DIR whose parent dirs all can (e.g. under /tmp)"
     install_packages
     for d in "${DAEMONS[@]}"; do if running "$d"; then any=1; fi; done
     # Ports and config are fixed while any daemon of ours runs; otherwise chosen afresh (old ones may be taken).
@@ -285,7 +287,7 @@ cmd_up() {
     wait_for "$TIMEOUT" "sacct to answer" slurmdbd slurmctld -- acct_ok
     trap - EXIT
     log "cluster up: nodes ${NODES[*]} ($((SECONDS - t0))s); state in $STATE"
-    log "clients: eval \"\$($0 env)\""
+    log "clients: eval \"\$(${RUNNER_SLURM_DIR:+RUNNER_SLURM_DIR=$STATE }$0 env)\""
 }
 
 # Stop the given daemons of ours at once (TERM, then KILL after 30 s); missing or foreign ones are left alone.
