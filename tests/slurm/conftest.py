@@ -1,4 +1,5 @@
-"""The local 2-node SLURM cluster (tests/slurm/cluster.sh) for tests marked ``slurm``, and helpers to drive sweeps on it.
+"""The local 2-node SLURM cluster (tests/slurm/cluster.sh) for tests marked ``slurm``, and helpers to drive
+sweeps on it.
 
 The cluster is brought up once per session and taken down at the end unless it was already up (then it
 belongs to someone else). Under CI it must come up: a failure is a test error, never a skip.

@@ -88,7 +88,14 @@ def test_preemption_drill_saves_requeues_and_matches_uninterrupted(tmp_path: Pat
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # The uninterrupted run with the same config (same world size, gloo) while the job requeues.
         reference = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", *RUNNER],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                *RUNNER,
+            ],
             cwd=ref_dir,
             env=cli_env(),
             stdout=subprocess.DEVNULL,
