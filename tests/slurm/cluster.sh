@@ -74,13 +74,17 @@ tail_logs() {
 }
 
 # wait_for <seconds> <description> <daemons whose logs to show on failure> -- <command...>
+# The bound is wall-clock time; each probe below gives its client at most 10 s (T), as a client can hang on
+# a daemon that is not up yet.
 wait_for() {
-    local secs=$1 what=$2 i logs=()
+    local secs=$1 what=$2 logs=() deadline
     shift 2
     while [[ $1 != -- ]]; do logs+=("$1"); shift; done
     shift
-    for ((i = 0; i < secs * 4; i++)); do
+    deadline=$((SECONDS + secs))
+    while :; do
         "$@" >/dev/null 2>&1 && return 0
+        ((SECONDS < deadline)) || break
         sleep 0.25
     done
     log "timed out after ${secs}s waiting for $what"
@@ -200,12 +204,13 @@ EOF
     chmod 600 "$CONF_DIR/slurmdbd.conf"   # slurmdbd refuses a world-readable config
 }
 
-munge_ok() { munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1; }
-db_ok() { mariadb-admin --no-defaults --socket="$DB_SOCK" --user=root ping; }
-dbd_ok() { sacctmgr -n list cluster; }
-acct_ok() { sacct -n -X -S now-1hours; }
+T=(timeout 10)
+munge_ok() { "${T[@]}" munge -S "$MUNGE_SOCK" -n 2>/dev/null | "${T[@]}" unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1; }
+db_ok() { "${T[@]}" mariadb-admin --no-defaults --socket="$DB_SOCK" --user=root ping; }
+dbd_ok() { "${T[@]}" sacctmgr -n list cluster; }
+acct_ok() { "${T[@]}" sacct -n -X -S now-1hours; }
 # The state of node $1 as sinfo prints it (a trailing * means not responding).
-node_state() { sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
+node_state() { "${T[@]}" sinfo -h -N -n "$1" -o %T 2>/dev/null | head -n 1; }
 node_up() { [[ "$(node_state "$1")" =~ ^(idle|mixed|allocated|completing)$ ]]; }
 nodes_up() { local n; for n in "${NODES[@]}"; do node_up "$n" || return 1; done; }
 
@@ -244,7 +249,7 @@ start_daemon() {
             wait_for 30 "MariaDB on $DB_SOCK" mariadbd -- db_ok ;;
         slurmdbd)
             slurmdbd </dev/null >>"$(logfile slurmdbd)" 2>&1 9>&- || { tail_logs slurmdbd; die "slurmdbd failed to start"; }
-            wait_for 30 "slurmdbd (sacctmgr list cluster)" slurmdbd mariadbd -- dbd_ok ;;
+            wait_for 60 "slurmdbd (sacctmgr list cluster)" slurmdbd mariadbd -- dbd_ok ;;
         slurmctld)
             in_node ctld slurmctld -f "$CONF" </dev/null >>"$(logfile "$d")" 2>&1 9>&- \
                 || { tail_logs "$d"; die "$d failed to start"; } ;;

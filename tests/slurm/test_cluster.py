@@ -18,10 +18,8 @@ from tests.slurm.conftest import CLUSTER
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
 
-def _cluster(
-    cmd: str, state: Path | None = None, timeout: float = 120, extra: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **(extra or {})}
+def _cluster(cmd: str, state: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
     if state is not None:
         env["RUNNER_SLURM_DIR"] = str(state)
     return subprocess.run(["bash", str(CLUSTER), cmd], capture_output=True, text=True, timeout=timeout, env=env)
@@ -134,12 +132,15 @@ def state_dir() -> Iterator[Path]:
 
 def test_a_second_cluster_comes_up_beside_this_one_and_leaves_it_alone(state_dir: Path) -> None:
     """Issue 11: the test cluster started while another cluster is up must neither fail nor touch it; and a
-    failed ``up`` stops whatever it started (here it gives the nodes no time at all to come up)."""
+    failed ``up`` stops whatever it started (here the last daemon, n2's slurmd, cannot open its log)."""
     state = state_dir
-    failed = _cluster("up", state, timeout=300, extra={"RUNNER_SLURM_TIMEOUT": "0"})
+    (state / "log" / "slurmd.n2.log").mkdir(parents=True)
+    failed = _cluster("up", state, timeout=300)
     assert failed.returncode != 0 and "up failed" in failed.stderr and "last lines of" in failed.stderr, failed.stderr
+    assert "stopping what it started: munged mariadbd slurmdbd slurmctld slurmd.n1 slurmd.n2" in failed.stderr
     assert not _processes_of(state), failed.stderr
     assert _cluster("status").returncode == 0
+    (state / "log" / "slurmd.n2.log").rmdir()
     try:
         up = _cluster("up", state, timeout=300)
         assert up.returncode == 0, up.stderr
