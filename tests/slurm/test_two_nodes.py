@@ -3,7 +3,8 @@
 A sweep member with ``hydra.launcher.nodes=2 hydra.launcher.tasks_per_node=1`` puts rank 0 on n1 and rank 1
 on n2 (each node is a slurmd in its own UTS namespace, so ``hostname`` tells them apart); the drill preempts
 such a job for real (an exclusive job on the ``urgent`` partition), and the requeued job must end bitwise
-identical to an undisturbed 2-node run, with every step's metrics record written exactly once.
+identical to an undisturbed 2-node run, with every step's metrics record written exactly once. A job of
+2 nodes x 2 ranks resuming from remote storage downloads the checkpoint once per node.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import re
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from runner.checkpoint.load import read_tensors
-from tests.conftest import TINY
+from tests.conftest import TINY, run_cli
+from tests.s3_server import S3Server, dummy_credentials
 from tests.slurm.conftest import Sweep, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -156,3 +159,53 @@ def test_two_node_jobs_preempted_for_real_resume_bitwise(tmp_path: Path) -> None
         assert final.keys() == expected.keys() and final
         different = [k for k in final if not torch.equal(final[k], expected[k])]
         assert not different, f"{member.name}: tensors differ from the undisturbed run: {different[:5]}"
+
+
+@pytest.fixture
+def s3() -> Iterator[S3Server]:
+    """moto on loopback, in this process: the nodes share the machine's network, so jobs on n1 and n2 reach it."""
+    server = S3Server()
+    with dummy_credentials():  # in os.environ: every Sweep (and so every job) inherits them
+        server.start()
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def test_a_two_node_job_on_new_machines_downloads_the_remote_checkpoint_once_per_node(
+    tmp_path: Path, s3: S3Server
+) -> None:
+    """Two nodes of two ranks each, resuming from the remote with no local copy: local rank 0 of each node
+    (global ranks 0 and 2) downloads, the others wait for it, and all four load the same step."""
+    bucket = s3.new_bucket("nodes")
+    args = [
+        *TINY,
+        "name=nodes",
+        "storage=s3",
+        f"storage.url=s3://{bucket}/runs",
+        f"storage.endpoint_url={s3.endpoint}",
+        "trainer.batch_size=4",
+    ]
+    first, second = tmp_path / "first", tmp_path / "second"  # two machines: nothing local in common
+    first.mkdir()
+    second.mkdir()
+    run_cli([*args, "trainer.max_steps=6"], first)  # the checkpoint to resume from (one process is enough)
+    four = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=2"]
+    sweep = Sweep([*four, *args, "trainer.max_steps=9", "trainer.eval_every=9"], second)
+    try:
+        assert sweep.wait(timeout=240) == 0, sweep.output()
+    finally:
+        sweep.close()
+    (member,) = _members(second)
+    logs = {r: (member / "logs" / f"rank{r}.log").read_text() for r in range(4)}
+    hosts = {
+        int(r): h
+        for log in logs.values()
+        for r, h in re.findall(r"process group up: rank (\d+) of 4 \S+ \S+ on (\S+)", log)
+    }
+    assert hosts == {0: "n1", 1: "n1", 2: "n2", 3: "n2"}, hosts
+    assert [r for r in range(4) if "downloading checkpoint" in logs[r]] == [0, 2], logs
+    assert all("loaded checkpoint at step 6" in logs[r] for r in range(4)), logs
+    assert (member / "checkpoints" / "step_9" / "manifest.json").exists()
+    assert not list((member / "checkpoints").glob("*.tmp")), "a download left its temporary folder"
