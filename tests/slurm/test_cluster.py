@@ -123,11 +123,16 @@ def test_down_never_stops_a_daemon_it_did_not_start(tmp_path: Path, decoys: list
 
 @pytest.fixture
 def state_dir() -> Iterator[Path]:
-    """A state dir for a second cluster: under /tmp, since munged (user munge) cannot enter pytest's tmp_path."""
+    """A state dir for a second cluster, taken down at the end: under /tmp, since munged (user munge) cannot
+    enter pytest's tmp_path."""
     path = Path(tempfile.mkdtemp(prefix="runner-slurm-second-", dir="/tmp"))
     path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    try:
+        yield path
+    finally:
+        # NOTE: whatever a failed assertion left running goes down before its pid files go away.
+        _cluster("down", path)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_second_cluster_comes_up_beside_this_one_and_leaves_it_alone(state_dir: Path) -> None:
