@@ -2,8 +2,9 @@
 
     python bench/sweep.py [--members 100] [--rounds 3] [--json]
 
-Needs root: the repo's single-node test cluster is brought up with ``tests/slurm/cluster.sh up`` unless it
-is already up, and taken down at the end only if this script started it. The cluster must be idle.
+Needs root: the repo's 2-node test cluster is brought up with ``tests/slurm/cluster.sh up`` unless it
+is already up, and taken down at the end only if this script started it. The cluster must be idle. Client
+commands (squeue, sbatch, the launcher's) reach it through the ``SLURM_CONF`` that ``cluster.sh env`` prints.
 
 Per round, in alternating order, each in a fresh directory:
 
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import statistics
@@ -91,6 +93,9 @@ def slurm_cluster() -> Iterator[None]:
         if up.returncode != 0:
             _cluster("down", 180)  # whatever part of it came up is ours
             raise BenchError(f"tests/slurm/cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
+    # NOTE: every client below (and the launcher's sbatch/squeue/sacct) must reach this cluster, not /etc/slurm's.
+    exports = [shlex.split(line) for line in _cluster("env", 30).stdout.splitlines()]
+    os.environ.update(dict(w[1].split("=", 1) for w in exports if len(w) == 2 and w[0] == "export"))
     try:
         yield
     finally:

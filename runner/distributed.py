@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -97,7 +98,8 @@ def init(env: DistEnv, device: torch.device, timeout_s: float = 600.0, alone: bo
         timeout=datetime.timedelta(seconds=timeout_s),
         device_id=device if device.type == "cuda" else None,
     )
-    log.info("process group up: rank %d of %d (%s, %s)", env.rank, env.world_size, backend, env.source)
+    host = socket.gethostname()
+    log.info("process group up: rank %d of %d (%s, %s) on %s", env.rank, env.world_size, backend, env.source, host)
 
 
 def shutdown(together: bool = True) -> None:

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 
 from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY, cli_env
+from tests.helpers.ports import free_port
 from tests.reliability import summary
 from tests.slurm.conftest import Sweep, slurm_cluster, wait_for
 
@@ -60,12 +60,6 @@ def _rank0_log(slurm_dir: Path) -> str:
     return logs[0].read_text(errors="replace") if logs else ""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_requeued_twice_in_a_row_resumes_and_matches_uninterrupted(tmp_path: Path) -> None:
     slurm_dir, ref_dir = tmp_path / "slurm", tmp_path / "reference"
     slurm_dir.mkdir()
@@ -97,7 +91,7 @@ def test_requeued_twice_in_a_row_resumes_and_matches_uninterrupted(tmp_path: Pat
                 "-m",
                 "torch.distributed.run",
                 "--nproc_per_node=2",
-                f"--master_port={_free_port()}",
+                f"--master_port={free_port()}",
                 "-m",
                 "runner",
                 *DRILL[:-1],

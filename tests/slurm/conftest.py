@@ -1,4 +1,5 @@
-"""The local SLURM cluster (tests/slurm/cluster.sh) for tests marked ``slurm``, and helpers to drive sweeps on it.
+"""The local 2-node SLURM cluster (tests/slurm/cluster.sh) for tests marked ``slurm``, and helpers to drive
+sweeps on it.
 
 The cluster is brought up once per session and taken down at the end unless it was already up (then it
 belongs to someone else). Under CI it must come up: a failure is a test error, never a skip.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -27,17 +29,42 @@ def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(CLUSTER), cmd], capture_output=True, text=True, timeout=timeout)
 
 
+def _exports(text: str) -> dict[str, str]:
+    """``export K=V`` lines (as ``cluster.sh env`` prints them, shell-quoted) as a dict."""
+    env = {}
+    for line in text.splitlines():
+        words = shlex.split(line)
+        if len(words) == 2 and words[0] == "export" and "=" in words[1]:
+            key, _, value = words[1].partition("=")
+            env[key] = value
+    return env
+
+
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[None]:
+def slurm_cluster() -> Iterator[dict[str, str]]:
+    """The 2-node cluster (n1, n2), up for the session; its client variables (``SLURM_CONF``) are set in
+    ``os.environ``, so this process and every subprocess it starts (``cli_env`` copies it, submitit's
+    sbatch/squeue/sacct/scancel inherit it) talk to this cluster and never to another one on the machine."""
     if os.geteuid() != 0 or shutil.which("apt-get") is None:
         unavailable("the SLURM test cluster needs root and apt-get (tests/slurm/cluster.sh)")
     was_up = _cluster("status", 60).returncode == 0
-    up = _cluster("up", 900)
-    if up.returncode != 0:
-        pytest.fail(f"tests/slurm/cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
+    saved: dict[str, str | None] = {}
     try:
-        yield
+        up = _cluster("up", 900)
+        if up.returncode != 0:  # NOTE: inside the try: whatever came up is taken down below
+            pytest.fail(f"tests/slurm/cluster.sh up failed ({up.returncode}):\n{up.stdout}\n{up.stderr}")
+        env = _exports(_cluster("env", 30).stdout)
+        if "SLURM_CONF" not in env:
+            pytest.fail("tests/slurm/cluster.sh env printed no SLURM_CONF")
+        saved = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        yield env
     finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         if not was_up:
             _cluster("down", 180)
 

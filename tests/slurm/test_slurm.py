@@ -1,4 +1,4 @@
-"""Acceptance 2 and 3 of issue 4 on the real single-node SLURM cluster (tests/slurm/cluster.sh)."""
+"""Acceptance 2 and 3 of issue 4 on the real SLURM cluster (tests/slurm/cluster.sh): single-node jobs (n1 or n2)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY, cli_env
+from tests.helpers.ports import free_port
 from tests.slurm.conftest import Sweep, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -87,7 +88,14 @@ def test_preemption_drill_saves_requeues_and_matches_uninterrupted(tmp_path: Pat
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # The uninterrupted run with the same config (same world size, gloo) while the job requeues.
         reference = subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29731", *RUNNER],
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node=2",
+                f"--master_port={free_port()}",
+                *RUNNER,
+            ],
             cwd=ref_dir,
             env=cli_env(),
             stdout=subprocess.DEVNULL,
