@@ -60,6 +60,7 @@ class PoolLauncher(Launcher):
         import cloudpickle
 
         from runner.launch.pool import Member, detect_devices, plan, run_pool
+        from runner.sweep import ledger
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         devices = detect_devices(self.device)
@@ -96,6 +97,9 @@ class PoolLauncher(Launcher):
                 )
             label = " ".join(filter_overrides(overrides))
             log.info("\t#%d : %s", idx, label)
+            ledger.append(
+                str(sweep_dir), list(overrides), "submitted", index=idx, log_path=str(pool_dir / f"{idx}.log")
+            )
             command = [sys.executable, "-m", "hydra_plugins.runner_pool.worker", str(payload), str(result)]
             members.append(Member(idx, command, str(pool_dir / f"{idx}.log"), label=label))
 
@@ -122,6 +126,11 @@ class PoolLauncher(Launcher):
             failure = dict(ret._return_value)
             kind = MemberConfigError if failure["config_error"] else MemberFailed
             error: Exception = kind(f"{label} failed: {failure['reason']} (log: {log_path})")
-        else:  # killed, or crashed before Hydra could report
+        else:  # killed, or crashed before Hydra could report: the member could not write its ledger event
             error = MemberFailed(f"{label} exited with code {code} (log: {log_path})")
+            from runner.sweep import ledger
+
+            sweep_dir = str(Path(str(self.config.hydra.sweep.dir)).absolute())
+            reason = f"exit code {code}"
+            ledger.append(sweep_dir, overrides, "failed", reason=reason, error=reason, log_path=log_path)
         return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)
