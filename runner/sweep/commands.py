@@ -135,9 +135,11 @@ def check_compatible(records: Sequence[Record], config_dir: str) -> None:
 
 def resubmit_command(info: dict[str, Any], sweep_dir: str, keys: Sequence[str]) -> list[str]:
     """The sweep's own launch command again, into the same sweep directory, for the members ``keys``."""
-    dropped = ("hydra.sweep.dir=", "hydra.sweeper.only=", "hydra.launcher.wait=")
+    dropped = ("hydra.sweep.dir=", "hydra.sweeper.only=", "hydra.launcher.wait=", "hydra.mode=")
     hydra = [o for o in info["hydra"] if not o.lstrip("+~").startswith(dropped)]
-    extra = [f"hydra.sweep.dir={os.path.abspath(sweep_dir)}", f"hydra.sweeper.only=[{','.join(keys)}]"]
+    # NOTE: quoted: a sweep directory's name holds commas (its overrides), which Hydra would read as a sweep.
+    quoted = os.path.abspath(sweep_dir).replace("\\", "\\\\").replace("'", "\\'")
+    extra = [f"hydra.sweep.dir='{quoted}'", f"hydra.sweeper.only=[{','.join(keys)}]"]
     if str(info.get("launcher", "")).startswith(SLURM_TARGET):
         extra.append("hydra.launcher.wait=false")  # resubmitting detaches; `status` follows the members
     return [str(info.get("python") or sys.executable), "-m", "runner", "-m", *hydra, *info["task"], *extra]

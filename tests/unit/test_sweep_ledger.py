@@ -154,7 +154,7 @@ def test_resume_of_a_complete_sweep_submits_nothing(tmp_path: Path, capsys: pyte
 def test_resubmission_relaunches_the_sweep_for_the_chosen_members(tmp_path: Path) -> None:
     info = {
         "task": ["opt.lr=1,2", "+debug=tiny"],
-        "hydra": ["hydra/launcher=slurm", "hydra.sweep.dir=old", "hydra.launcher.wait=false"],
+        "hydra": ["hydra/launcher=slurm", "hydra.sweep.dir=old", "hydra.launcher.wait=false", "hydra.mode=MULTIRUN"],
         "launcher": "hydra_plugins.runner_slurm.slurm_launcher.RunnerSlurmLauncher",
         "python": "py",
     }
@@ -167,7 +167,7 @@ def test_resubmission_relaunches_the_sweep_for_the_chosen_members(tmp_path: Path
         "hydra/launcher=slurm",
         "opt.lr=1,2",
         "+debug=tiny",
-        f"hydra.sweep.dir={tmp_path}",
+        f"hydra.sweep.dir='{tmp_path}'",
         "hydra.sweeper.only=[k1,k2]",
         "hydra.launcher.wait=false",
     ]
