@@ -1,0 +1,108 @@
+"""Issue 14 on the real SLURM test cluster: detached sweeps, the ledger, status / retry-failed / resume / report."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from runner.sweep import commands, ledger
+from runner.sweep.ledger import Record
+from tests.conftest import TINY, cli_env
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+
+LONG = [*TINY, "trainer.max_steps=1000", "trainer.log_every=20", "trainer.ckpt_every=100", "trainer.eval_every=500"]
+
+
+def _python(args: list[str], cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _detached(overrides: list[str], cwd: Path) -> tuple[Path, float, str]:
+    started = time.monotonic()
+    proc = _python(["-m", "runner", "-m", "hydra/launcher=slurm", "hydra.launcher.wait=false", *overrides], cwd)
+    took = time.monotonic() - started
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (sweep_dir,) = cwd.glob("multirun/*")
+    return sweep_dir, took, proc.stdout
+
+
+def _until(what: str, sweep_dir: Path, ok: Callable[[list[Record]], bool], timeout: float) -> list[Record]:
+    deadline = time.monotonic() + timeout
+    records: list[Record] = []
+    while time.monotonic() < deadline:
+        records = commands.load(str(sweep_dir))
+        if ok(records):
+            return records
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}:\n{commands.status_text(str(sweep_dir), records)}")
+
+
+def _cancel_all(sweep_dir: Path) -> None:
+    if ledger.is_sweep(str(sweep_dir)):
+        commands.cancel(str(sweep_dir), commands.load(str(sweep_dir)))
+
+
+def test_detached_sweep_cancel_retry_resume_and_report(tmp_path: Path) -> None:
+    """Acceptance 1, 2 and 6: returns at once; progresses; a cancelled member is retried from its checkpoint."""
+    sweep_dir, took, out = _detached(["opt.lr=1e-3,2e-3,3e-3,4e-3", *LONG], tmp_path)
+    try:
+        assert took < 5, f"detached submission took {took:.1f}s"
+        assert f"python -m runner.sweep status --watch '{sweep_dir.absolute()}'" in out
+        records = ledger.read(str(sweep_dir))
+        assert len(records) == 4 and all(re.fullmatch(r"\d+_\d", str(r.job_id)) for r in records)
+        # Progressing: member #3 past its first checkpoint, then cancelled from outside.
+        _until("member #3 to pass step 200", sweep_dir, lambda rs: (rs[3].step or 0) >= 200, 120)
+        subprocess.run(["scancel", str(records[3].job_id)], check=True, timeout=30)
+        done = _until("the others to end", sweep_dir, lambda rs: all(r.terminal for r in rs), 180)
+        assert [r.state for r in done] == ["COMPLETED", "COMPLETED", "COMPLETED", "CANCELLED"]
+        assert done[3].exit_reason == "slurm: CANCELLED"
+
+        retry = _python(["-m", "runner.sweep", "retry-failed", str(sweep_dir)], tmp_path)
+        assert retry.returncode == 0, retry.stdout + retry.stderr
+        assert "resubmitting 1 member(s)" in retry.stdout
+        final = _until("the retried member to complete", sweep_dir, lambda rs: rs[3].state == "COMPLETED", 180)
+        log3 = Path(str(final[3].log_path)).read_text()
+        resumed = re.search(r"resuming from step (\d+)", log3)
+        assert resumed and int(resumed.group(1)) >= 100, log3
+        assert final[3].resumed_from == int(resumed.group(1)) and final[3].attempts == 2
+
+        # The ledger has every field for every member.
+        for r in final:
+            assert r.overrides and r.name and r.run_dir and r.job_id and r.log_path and r.config_hash
+            assert r.state == "COMPLETED" and r.exit_reason == "completed" and r.error is None
+            assert r.start is not None and r.end is not None and r.end >= r.start
+            assert r.objective is not None and (r.step, r.total) == (1000, 1000)
+
+        again = _python(["-m", "runner.sweep", "resume", str(sweep_dir)], tmp_path)
+        assert again.returncode == 0 and "are complete; nothing submitted" in again.stdout, again.stdout
+
+        report = _python(["-m", "runner.sweep", "report", str(sweep_dir)], tmp_path)
+        assert report.returncode == 0, report.stderr
+        best = max(final, key=lambda r: (r.objective or 0.0, -(r.index or 0)))
+        assert f"best: #{best.index} " in report.stdout
+        assert (sweep_dir / "report.png").stat().st_size > 10_000 and (sweep_dir / "report.md").exists()
+    finally:
+        _cancel_all(sweep_dir)
+
+
+def test_a_failing_member_shows_its_error_while_the_others_run(tmp_path: Path) -> None:
+    """Acceptance 3: the member that raises is FAILED with its error's first line and log path, at once."""
+    sweep_dir, _, _ = _detached(["opt.lr=1e-3,1e30", *LONG], tmp_path)
+    try:
+        records = _until("member #1 to fail", sweep_dir, lambda rs: rs[1].terminal, 120)
+        assert records[1].state == "FAILED" and records[0].state == "RUNNING"
+        assert records[1].error is not None and records[1].error.startswith("non-finite loss or gradients at step")
+        assert Path(str(records[1].log_path)).exists()
+        text = commands.status_text(str(sweep_dir), records)
+        assert f"#1 failed: {records[1].error} (log: {records[1].log_path})" in text
+    finally:
+        _cancel_all(sweep_dir)
