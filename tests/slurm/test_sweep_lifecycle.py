@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from runner.sweep import commands, ledger
 from runner.sweep.ledger import Record
@@ -106,3 +107,56 @@ def test_a_failing_member_shows_its_error_while_the_others_run(tmp_path: Path) -
         assert f"#1 failed: {records[1].error} (log: {records[1].log_path})" in text
     finally:
         _cancel_all(sweep_dir)
+
+
+@pytest.mark.parametrize(
+    "launcher_name, overrides",
+    [("runner_slurm", ["hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=1"])],
+)
+class TestRunnerSlurmLauncher(LauncherTestSuite):
+    """Hydra's own launcher suite on the real cluster (acceptance 7), blocking mode (``wait=true``): it checks
+    what members return, which a detached launch by design does not wait for."""
+
+
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags",
+    [
+        (
+            {},
+            [
+                "-m",
+                "hydra/hydra_logging=disabled",
+                "hydra/job_logging=disabled",
+                "hydra/launcher=runner_slurm",
+                "hydra.launcher.timeout_min=2",
+            ],
+        )
+    ],
+)
+class TestRunnerSlurmLauncherIntegration(IntegrationTestSuite):
+    pass
+
+
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags",
+    [
+        (
+            {},
+            [
+                "-m",
+                "hydra/hydra_logging=disabled",
+                "hydra/job_logging=disabled",
+                "hydra/launcher=runner_slurm",
+                "hydra.launcher.timeout_min=2",
+                "hydra.launcher.wait=false",
+            ],
+        )
+    ],
+)
+class TestRunnerSlurmLauncherDetachedIntegration(IntegrationTestSuite):
+    """The same suite with ``wait=false``: each command returns at once, and its members' output is read once
+    their jobs have ended (see tests/slurm/wait_detached.py)."""
+
+    def generate_custom_cmd(self) -> Callable[..., list[str]]:
+        waiter = str(Path(__file__).with_name("wait_detached.py"))
+        return lambda cmd, filename: [sys.executable, waiter, *cmd]
