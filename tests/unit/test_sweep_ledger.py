@@ -180,3 +180,9 @@ def test_resume_refuses_a_member_whose_config_changed(tmp_path: Path) -> None:
     ledger.append(str(tmp_path), ["opt.lr=0.001", "+debug=tiny"], "configured", config_hash="0" * 16)
     with pytest.raises(commands.SweepError, match=r"member #0 .*config changed since it started"):
         commands.check_compatible(ledger.read(str(tmp_path)), CONFIG_DIR)
+
+
+def test_watch_stops_once_every_member_has_ended(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = _fake_sweep(tmp_path)
+    assert cli.main(["status", "--watch", "0.1", str(sweep)]) == 0
+    assert "3 members (3 completed)" in capsys.readouterr().out
