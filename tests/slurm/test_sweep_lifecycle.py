@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -105,6 +108,45 @@ def test_a_failing_member_shows_its_error_while_the_others_run(tmp_path: Path) -
         assert Path(str(records[1].log_path)).exists()
         text = commands.status_text(str(sweep_dir), records)
         assert f"#1 failed: {records[1].error} (log: {records[1].log_path})" in text
+    finally:
+        _cancel_all(sweep_dir)
+
+
+def _max_overlap(intervals: list[tuple[float, float]]) -> int:
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = peak = 0
+    for _, delta in edges:
+        running += delta
+        peak = max(peak, running)
+    return peak
+
+
+def test_packed_sweep_one_job_two_at_once_and_a_member_preempted_inside_resumes(tmp_path: Path) -> None:
+    """Acceptance 5: 4 one-slot members on a 2-slot allocation: one SLURM job, never more than 2 at once; a
+    member signalled inside it saves, is run again by the pack and resumes from its checkpoint."""
+    packed = ["hydra/launcher=slurm_packed", "hydra.launcher.slots_per_job=2", "hydra.launcher.members_per_job=4"]
+    started = time.monotonic()
+    proc = _python(
+        ["-m", "runner", "-m", *packed, "hydra.launcher.wait=false", "opt.lr=1e-3,2e-3,3e-3,4e-3", *LONG], tmp_path
+    )
+    assert proc.returncode == 0 and time.monotonic() - started < 5, proc.stdout + proc.stderr
+    (sweep_dir,) = tmp_path.glob("multirun/*")
+    try:
+        records = _until("member #0 to pass step 200", sweep_dir, lambda rs: (rs[0].step or 0) >= 200, 120)
+        assert len({r.job_id for r in records}) == 1, [r.job_id for r in records]
+        os.kill(int(str(records[0].pid)), signal.SIGUSR2)  # the member's own process, inside the job
+        final = _until("every member to complete", sweep_dir, lambda rs: all(r.terminal for r in rs), 240)
+        assert [r.state for r in final] == ["COMPLETED"] * 4, commands.status_text(str(sweep_dir), final)
+        assert len({r.job_id for r in final}) == 1 and final[0].attempts == 2
+        resumed = re.search(r"resuming from step (\d+)", Path(str(final[0].log_path)).read_text())
+        assert resumed and int(resumed.group(1)) >= 200
+        events: list[dict[str, object]] = []
+        deadline = time.monotonic() + 30  # the pack records a member's end once its process has exited
+        while len(events) < 5 and time.monotonic() < deadline:
+            time.sleep(0.5)
+            events = [json.loads(line) for p in sweep_dir.glob(".packed/*.events.jsonl") for line in p.open()]
+        assert len(events) == 5, events  # 4 members, one of them twice
+        assert _max_overlap([(float(str(e["start"])), float(str(e["end"]))) for e in events]) == 2
     finally:
         _cancel_all(sweep_dir)
 
