@@ -4,6 +4,8 @@ submitted instead of blocking on the login node until the last member ends.
 
 Members run exactly as upstream's do (``__call__`` and ``checkpoint`` are inherited: requeues resubmit the same
 Hydra job into the same directory); only ``launch`` is rewritten.
+
+``PackedSlurmLauncher`` (``hydra/launcher=slurm_packed``, below) runs several members per job.
 """
 
 # NOTE: no `from __future__ import annotations`: Hydra's plugin scan imports this module without
