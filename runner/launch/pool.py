@@ -166,7 +166,12 @@ def run_pool(
                 free = sorted(free + member.slots)
                 del running[pid]
                 _append_event(events_path, member)
-                if requeue_code is not None and code == requeue_code and not stopping:
+                if requeue_code is not None and code == requeue_code:
+                    if stopping:  # saved for the job's requeue: it runs again when the job does
+                        log.warning(
+                            "pool: #%d %s saved; it resumes when the job is requeued", member.index, member.label
+                        )
+                        continue
                     log.warning(
                         "pool: #%d %s saved on a preemption signal; running it again", member.index, member.label
                     )

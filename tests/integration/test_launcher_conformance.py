@@ -3,14 +3,24 @@ as hydra-submitit-launcher runs them against its launchers."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import IntegrationTestSuite, LauncherTestSuite
 
 from hydra_plugins.runner_pool.pool_launcher import PoolLauncher
+from tests.helpers.hydra_suites import unspecified_version_base
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _fresh_version_base() -> Iterator[None]:
+    # NOTE: a test before this one may have set Hydra's version base (see tests/helpers/hydra_suites.py).
+    with unspecified_version_base():
+        yield
 
 
 def test_discovery() -> None:
