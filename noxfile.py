@@ -46,7 +46,7 @@ def install(session: nox.Session, *extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (S3, SLURM and multi-process tests start their own servers)."""
-    install(session, "test", "sweep")
+    install(session, "test", "sweep", "report")
     typecheck_here(session)
     # --durations: the suite must stay under 10 minutes on 2 cores; CI prints where the time goes.
     # -n 2: most tests wait on subprocesses (CLI runs, torchrun, servers), so two workers use both cores;

@@ -56,12 +56,27 @@ def train(cfg: DictConfig) -> float:
 def main(cfg: DictConfig) -> float:
     """The task function, of one run or of each sweep member. A run's error becomes one line and an exit code
     here (Hydra would print its own report first); a member's is raised, for its launcher to report."""
+    from runner.sweep.member import current
+
+    member = current()  # rank 0 of a sweep member writes its own ledger events
+    if member is not None:
+        member.started(str(cfg.name), int(cfg.trainer.max_steps))
     try:
-        return train(cfg)
+        objective = train(cfg)
     except Exception as e:
+        if member is not None:
+            log.error("sweep member failed: %s", e, exc_info=True)  # the traceback, in the member's own log
+            member.failed(e)
         if not _is_sweep_member():
             _exit_if_known(e)
         raise
+    except SystemExit:  # the requeue on a preemption or time-out signal ends the process this way
+        if member is not None:
+            member.requeued("requeued by SLURM (preemption or time limit)")
+        raise
+    if member is not None:
+        member.finished(objective)
+    return objective
 
 
 def _is_sweep_member() -> bool:

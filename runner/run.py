@@ -32,10 +32,11 @@ from runner.config import ConfigError, ParallelConfig, TrainerConfig
 from runner.launch.requeue import Preemption
 from runner.naming import redact, redact_overrides, remove_if_empty
 from runner.storage.local import atomic_write
+from runner.sweep import member as sweep_member
 from runner.sync import syncer as sync
 from runner.train.data import TrainStream, eval_loader
 from runner.train.loop import Context, Hooks, Loop
-from runner.train.metrics import make_sink
+from runner.train.metrics import FanOut, make_sink
 
 log = logging.getLogger("runner")
 
@@ -74,6 +75,10 @@ class Run:
         self.requeue: Preemption | None = None
         self.forward: torch.nn.Module | None = None
         self.ckpt: Checkpointer | None = None
+        #: This member's sweep-ledger writer (rank 0 of a sweep member), else None.
+        self.member = sweep_member.current()
+        if self.member is not None:  # what `runner.sweep resume` compares to refuse a changed config
+            self.member.configured(self.config_hash)
 
     # ----------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -132,6 +137,8 @@ class Run:
         if ref is not None:  # NOTE: every rank, in its own log file: each says what it loaded
             log.info("loaded checkpoint at step %d", self.state.step)
         self.resumed_step = ref.step if ref is not None else None
+        if ref is not None and self.member is not None:
+            self.member.resumed(ref.step, self.config_hash)
         world = distributed.world_size()
         self.global_batch = self.trainer.batch_size * world * self.trainer.grad_accum_steps
         self.eval_batch = self.trainer.eval_batch_size or 2 * self.trainer.batch_size
@@ -255,9 +262,10 @@ class Run:
             history.rewind(self.run_dir, self.state.step)
         # NOTE: TensorBoard hides events of replayed steps from earlier event files (its purge_step). Closed
         # before the final sync (pushed after it), so the remote gets complete event files.
-        sink = self.stack.enter_context(
-            contextlib.closing(make_sink(self.run_dir, rank, purge_step=self.state.step + 1))
-        )
+        sink = make_sink(self.run_dir, rank, purge_step=self.state.step + 1)
+        if self.member is not None:  # the member's latest step in the sweep ledger, at the log cadence
+            sink = FanOut(sink, sweep_member.ProgressSink(self.member))
+        sink = self.stack.enter_context(contextlib.closing(sink))
         self.forward = parallel.wrap(self.parts.model, self.parallel, self.device, self.trainer.compile)
         hooks = Hooks(save=ckpt.save, check=ckpt.check, wait=ckpt.wait, before_update=ckpt.fence)
         if preemption is not None:

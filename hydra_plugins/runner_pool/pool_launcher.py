@@ -10,14 +10,12 @@ log path; Hydra raises for failed members after the whole batch has run.
 # NOTE: no `from __future__ import annotations`: Hydra's plugin scan imports this module without
 # registering it in sys.modules, and dataclasses then cannot resolve string annotations.
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
@@ -57,9 +55,9 @@ class PoolLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        import cloudpickle
-
-        from runner.launch.pool import Member, detect_devices, plan, run_pool
+        from runner.launch.payload import read_result, record_death, write_member
+        from runner.launch.pool import detect_devices, plan, run_pool
+        from runner.sweep import ledger
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
         devices = detect_devices(self.device)
@@ -78,50 +76,23 @@ class PoolLauncher(Launcher):
         )
         members = []
         for offset, overrides in enumerate(job_overrides):
-            idx = initial_job_idx + offset
-            payload = pool_dir / f"{idx}.payload.pkl"
-            result = pool_dir / f"{idx}.result.pkl"
-            result.unlink(missing_ok=True)
-            with open(payload, "wb") as f:
-                cloudpickle.dump(
-                    {
-                        "hydra_context": self.hydra_context,
-                        "config": self.config,
-                        "task_function": self.task_function,
-                        "overrides": list(overrides),
-                        "idx": idx,
-                        "singleton_state": Singleton.get_state(),
-                    },
-                    f,
-                )
-            label = " ".join(filter_overrides(overrides))
-            log.info("\t#%d : %s", idx, label)
-            command = [sys.executable, "-m", "hydra_plugins.runner_pool.worker", str(payload), str(result)]
-            members.append(Member(idx, command, str(pool_dir / f"{idx}.log"), label=label))
+            member = write_member(
+                pool_dir, initial_job_idx + offset, overrides, self.hydra_context, self.config, self.task_function
+            )
+            ledger.append(str(sweep_dir), list(overrides), "submitted", index=member.index, log_path=member.log_path)
+            members.append(member)
 
-        done = run_pool(members, devices, total, self.slots_per_member, parallel, str(pool_dir / "events.jsonl"))
+        by_index = {m.index: list(o) for m, o in zip(members, job_overrides, strict=True)}
+        done = run_pool(
+            members,
+            devices,
+            total,
+            self.slots_per_member,
+            parallel,
+            str(pool_dir / "events.jsonl"),
+            on_end=lambda m: record_death(str(sweep_dir), pool_dir, m, by_index[m.index]),
+        )
         return [
-            self._result(m.index, m.returncode, m.log_path, list(o)) for m, o in zip(done, job_overrides, strict=True)
+            read_result(str(sweep_dir), pool_dir, m.index, m.returncode, m.log_path, list(o))
+            for m, o in zip(done, job_overrides, strict=True)
         ]
-
-    def _result(self, idx: int, code: int | None, log_path: str, overrides: list[str]) -> JobReturn:
-        import cloudpickle
-
-        assert self.config is not None
-        path = Path(str(self.config.hydra.sweep.dir)).absolute() / ".pool" / f"{idx}.result.pkl"
-        from runner.errors import MemberConfigError, MemberFailed
-
-        label = f"sweep member #{idx} ({' '.join(overrides)})"
-        ret: JobReturn | None = None
-        if path.exists():
-            with open(path, "rb") as f:
-                ret = cloudpickle.load(f)
-        if ret is not None and ret.status != JobStatus.FAILED:
-            return ret
-        if ret is not None:
-            failure = dict(ret._return_value)
-            kind = MemberConfigError if failure["config_error"] else MemberFailed
-            error: Exception = kind(f"{label} failed: {failure['reason']} (log: {log_path})")
-        else:  # killed, or crashed before Hydra could report
-            error = MemberFailed(f"{label} exited with code {code} (log: {log_path})")
-        return JobReturn(overrides=overrides, status=JobStatus.FAILED, _return_value=error)

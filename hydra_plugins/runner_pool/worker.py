@@ -17,9 +17,11 @@ from omegaconf import open_dict
 
 from runner.errors import config_error_message, one_line
 from runner.launch.pool import apply_cpu_pinning
+from runner.launch.requeue import catch_early
 
 
 def main(payload_path: str, result_path: str) -> int:
+    catch_early()
     apply_cpu_pinning()
     with open(payload_path, "rb") as f:
         payload = cloudpickle.load(f)

@@ -43,6 +43,8 @@ class RunnerSweeperConf:
     # As BasicSweeper: members per launch batch (null = all at once), and sweep params from config.
     max_batch_size: int | None = None
     params: dict[str, str] | None = None
+    # Launch only these members (sweep-ledger keys): set by `python -m runner.sweep resume|retry-failed`.
+    only: list[str] | None = None
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="runner", node=RunnerSweeperConf, provider="runner")
@@ -50,13 +52,27 @@ ConfigStore.instance().store(group="hydra/sweeper", name="runner", node=RunnerSw
 
 class RunnerSweeper(BasicSweeper):
     """BasicSweeper's sweep, with every member validated before any is launched, and a failed member reported
-    as one line (member, reason, log) instead of Hydra's "Error executing job" and the member's traceback."""
+    as one line (member, reason, log) instead of Hydra's "Error executing job" and the member's traceback.
+
+    It also starts the sweep's ledger (``.ledger/sweep.json``: what the sweep was launched with, so
+    ``python -m runner.sweep resume`` can launch it again) and, with ``only``, launches just those members."""
+
+    def __init__(
+        self, max_batch_size: int | None, params: dict[str, str] | None = None, only: list[str] | None = None
+    ) -> None:
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.only = set(only) if only is not None else None
 
     def sweep(self, arguments: list[str]) -> Any:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides([*self._parse_config(), *arguments])
         self.overrides = self.split_arguments(overrides, self.max_batch_size)
+        if self.only is not None:
+            from runner.sweep.ledger import member_key
+
+            kept = [[o for o in batch if member_key(o) in self.only] for batch in self.overrides]
+            self.overrides = [batch for batch in kept if batch]
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         created = not sweep_dir.exists()
         try:
@@ -74,6 +90,7 @@ class RunnerSweeper(BasicSweeper):
             raise
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
+        _start_ledger(self.config, sweep_dir)
         returns: list[Sequence[JobReturn]] = []
         first = 0
         for batch in self.overrides:
@@ -119,6 +136,26 @@ class RunnerSweeper(BasicSweeper):
                 raise ConfigError(
                     f"sweep member #{first_index + offset} ({' '.join(overrides)}): {message}; nothing was launched"
                 ) from None
+
+
+def _start_ledger(config: DictConfig, sweep_dir: Path) -> None:
+    """``.ledger/sweep.json``, once: the overrides, launcher and directory the sweep was launched from."""
+    import sys
+    import time
+
+    from runner.sweep.ledger import write_sweep_info
+
+    write_sweep_info(
+        str(sweep_dir),
+        {
+            "task": list(config.hydra.overrides.task),
+            "hydra": list(config.hydra.overrides.hydra),
+            "launcher": str(config.hydra.launcher.get("_target_", "")),
+            "cwd": os.getcwd(),
+            "python": sys.executable,
+            "created": time.time(),
+        },
+    )
 
 
 def _raise_first_failure(results: Sequence[JobReturn], first: int) -> None:

@@ -11,13 +11,14 @@ through the member's CPU affinity, set by the worker from ``RUNNER_POOL_CPUS``, 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 log = logging.getLogger(__name__)
@@ -108,15 +109,34 @@ def run_pool(
     events_path: str,
     env: dict[str, str] | None = None,
     poll_s: float = 0.2,
+    drop_env: Sequence[str] = (),
+    requeue_code: int | None = None,
+    stop: Callable[[], bool] | None = None,
+    stop_signal: int = signal.SIGUSR2,
+    on_end: Callable[[Member], None] | None = None,
 ) -> list[Member]:
-    """Run every member, at most ``parallel`` at once, each on its own slots; returns them finished."""
+    """Run every member, at most ``parallel`` at once, each on its own slots; returns them finished.
+
+    ``requeue_code``: a member that exits with it (it saved a checkpoint on a preemption signal) is queued
+    again, and resumes from that checkpoint. ``stop``: once it returns true, no member is started any more and
+    the running ones get ``stop_signal`` (to save and exit); the call returns when they have. ``drop_env``:
+    variables the members must not inherit. ``on_end``: called as each member process ends (not requeued).
+    """
     free = list(range(total_slots))
     pending = list(members)
     running: dict[int, tuple[Member, subprocess.Popen[bytes]]] = {}
+    base_env = {k: v for k, v in os.environ.items() if k not in drop_env}
+    stopping = False
     os.makedirs(os.path.dirname(events_path) or ".", exist_ok=True)
     try:
-        while pending or running:
-            while pending and len(running) < parallel and len(free) >= slots_per_member:
+        while running or (pending and not stopping):
+            if stop is not None and not stopping and stop():
+                stopping = True
+                log.warning("pool: stop requested; %d member(s) asked to save and exit", len(running))
+                for _member, proc in running.values():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, stop_signal)
+            while not stopping and pending and len(running) < parallel and len(free) >= slots_per_member:
                 member = pending.pop(0)
                 member.slots, free = free[:slots_per_member], free[slots_per_member:]
                 os.makedirs(os.path.dirname(member.log_path) or ".", exist_ok=True)
@@ -125,7 +145,7 @@ def run_pool(
                         member.command,
                         stdout=out,
                         stderr=subprocess.STDOUT,
-                        env={**os.environ, **(env or {}), **pin_env(devices, member.slots)},
+                        env={**base_env, **(env or {}), **pin_env(devices, member.slots)},
                         start_new_session=True,
                     )
                 member.pid, member.start = proc.pid, time.time()
@@ -146,6 +166,19 @@ def run_pool(
                 free = sorted(free + member.slots)
                 del running[pid]
                 _append_event(events_path, member)
+                if requeue_code is not None and code == requeue_code:
+                    if stopping:  # saved for the job's requeue: it runs again when the job does
+                        log.warning(
+                            "pool: #%d %s saved; it resumes when the job is requeued", member.index, member.label
+                        )
+                        continue
+                    log.warning(
+                        "pool: #%d %s saved on a preemption signal; running it again", member.index, member.label
+                    )
+                    pending.insert(0, member)
+                    continue
+                if on_end is not None:
+                    on_end(member)
                 if code == 0:
                     log.info("pool: #%d %s finished in %.1fs", member.index, member.label, member.end - member.start)
                 else:

@@ -15,6 +15,7 @@ launcher's ``checkpoint()`` (it resubmits the same Hydra job into the same run d
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -23,8 +24,24 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: Set by a packed job (hydra/launcher=slurm_packed) in each member it runs: on the requeue signal the member
+#: saves, then exits with this code, and the pack runs it again (it resumes from that checkpoint).
+REQUEUE_EXIT_ENV = "RUNNER_REQUEUE_EXIT"
 #: How long a non-zero rank waits for rank 0's requeue to end the job before exiting on its own.
 WAIT_FOR_REQUEUE_S = 300.0
+
+
+#: When the requeue signal came before the run could install its handler (a packed member starting up).
+_EARLY: list[float] = []
+
+
+def catch_early() -> None:
+    """In a packed member, first thing: remember a requeue signal that comes before :meth:`Preemption.install`
+    (the default action of USR2 would end the member without a checkpoint or a word)."""
+    import submitit
+
+    if os.environ.get(REQUEUE_EXIT_ENV):
+        signal.signal(submitit.JobEnvironment._usr_sig(), lambda s, f: _EARLY.append(time.monotonic()))
 
 
 def _is_submitit_handler(handler: Any) -> bool:
@@ -50,6 +67,15 @@ class Preemption:
             return None
         signum = submitit.JobEnvironment._usr_sig()
         original = signal.getsignal(signum)
+        if os.environ.get(REQUEUE_EXIT_ENV):  # a member of a packed job: its pack runs it again
+            self = cls(signum, None, rank)
+            self.received_at = _EARLY[0] if _EARLY else None  # a signal during start-up counts too
+            signal.signal(signum, self._on_signal)
+            log.info(
+                "requeue on %s: save at the next step boundary, then exit for the pack to rerun",
+                signal.Signals(signum).name,
+            )
+            return self
         if not _is_submitit_handler(original):
             return None
         self = cls(signum, original, rank)
@@ -76,6 +102,10 @@ class Preemption:
         been requeued too many times). Other ranks must not report a result (submitit would read an
         unfinished run's return value), so they wait for the requeue to stop them.
         """
+        code = os.environ.get(REQUEUE_EXIT_ENV)
+        if code:
+            log.warning("checkpoint saved; exiting with code %s for the pack to run this member again", code)
+            sys.exit(int(code))
         if self.rank == 0:
             log.warning("checkpoint saved; requeueing through submitit")
             self.original(self.signum, None)
@@ -87,4 +117,4 @@ class Preemption:
 
     def restore(self) -> None:
         """Give the signal back to submitit (a finished run has nothing left to save)."""
-        signal.signal(self.signum, self.original)
+        signal.signal(self.signum, self.original if self.original is not None else signal.SIG_IGN)
