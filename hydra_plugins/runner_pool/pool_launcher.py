@@ -56,7 +56,7 @@ class PoolLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from runner.launch.payload import read_result, record_death, write_member
-        from runner.launch.pool import detect_devices, plan, run_pool
+        from runner.launch.pool import Pool, PoolSettings, detect_devices, plan
         from runner.sweep import ledger
 
         assert self.config is not None and self.hydra_context is not None and self.task_function is not None
@@ -83,14 +83,9 @@ class PoolLauncher(Launcher):
             members.append(member)
 
         by_index = {m.index: list(o) for m, o in zip(members, job_overrides, strict=True)}
-        done = run_pool(
-            members,
-            devices,
-            total,
-            self.slots_per_member,
-            parallel,
-            str(pool_dir / "events.jsonl"),
-            on_end=lambda m: record_death(str(sweep_dir), pool_dir, m, by_index[m.index]),
+        settings = PoolSettings(devices, total, self.slots_per_member, parallel, str(pool_dir / "events.jsonl"))
+        done = Pool(settings).run(
+            members, on_end=lambda m: record_death(str(sweep_dir), pool_dir, m, by_index[m.index])
         )
         return [
             read_result(str(sweep_dir), pool_dir, m.index, m.returncode, m.log_path, list(o))

@@ -210,7 +210,7 @@ class Pack:
         import submitit
 
         from runner.launch.payload import read_result, record_death
-        from runner.launch.pool import detect_devices, plan, run_pool
+        from runner.launch.pool import Pool, PoolSettings, detect_devices, plan
         from runner.launch.requeue import REQUEUE_EXIT_ENV
 
         signum = submitit.JobEnvironment._usr_sig()
@@ -223,8 +223,7 @@ class Pack:
         folder = Path(self.folder)
         events = str(folder / f"pack{members[0].index}.events.jsonl")
         by_index = {m.index: o for m, o in zip(members, overrides, strict=True)}
-        done = run_pool(
-            members,
+        settings = PoolSettings(
             devices,
             total,
             self.slots_per_member,
@@ -234,8 +233,11 @@ class Pack:
             # NOTE: a member is a single process of its own, not a task of this job (see distributed.detect).
             drop_env=("SUBMITIT_FOLDER",),
             requeue_code=REQUEUE_EXIT,
-            stop=lambda: bool(received),
             stop_signal=signum,
+        )
+        done = Pool(settings).run(
+            members,
+            stop=lambda: bool(received),
             on_end=lambda m: record_death(self.sweep_dir, folder, m, by_index[m.index]),
         )
         if received and callable(original):

@@ -35,6 +35,9 @@ log = logging.getLogger("runner.checkpoint")
 
 _T = TypeVar("_T")
 
+#: DCP writer threads per rank: two files written side by side keep the disk busy while one is hashed.
+WRITER_THREADS = 2
+
 
 # --------------------------------------------------------------------------- save / load
 def clean_partial(folder: str) -> None:
@@ -61,7 +64,6 @@ class Checkpointer:
         run_dir: str,
         keep_latest_k: int,
         config_hash: str,
-        writer_threads: int = 2,
         uploaded: Callable[[int], bool] | None = None,
         replicated: bool = True,
         group: Any = None,
@@ -73,7 +75,6 @@ class Checkpointer:
         self.config_hash = config_hash
         #: Every rank holds the whole model (DDP), as opposed to a shard of it (FSDP): the manifest says so.
         self.replicated = replicated
-        self.writer_threads = writer_threads
         self.folder = os.path.join(self.run_dir, CKPT_DIR)
         #: The process group of a save's collectives (None: the default group). Background saves need one of
         #: their own (``distributed.side_group``): from the writer thread, collectives on the default group
@@ -168,7 +169,7 @@ class Checkpointer:
                 warnings.filterwarnings("ignore", message=".*process group.*")
                 dcp.save(tensors, storage_writer=writer, process_group=self.group)
 
-        writer = HashingWriter(tmp, thread_count=self.writer_threads, sync_files=True)
+        writer = HashingWriter(tmp, thread_count=WRITER_THREADS, sync_files=True)
         self._agreed(step, tmp, write)
 
         def commit() -> None:

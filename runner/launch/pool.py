@@ -100,102 +100,120 @@ class Member:
     returncode: int | None = None
 
 
-def run_pool(
-    members: Sequence[Member],
-    devices: Devices,
-    total_slots: int,
-    slots_per_member: int,
-    parallel: int,
-    events_path: str,
-    env: dict[str, str] | None = None,
-    poll_s: float = 0.2,
-    drop_env: Sequence[str] = (),
-    requeue_code: int | None = None,
-    stop: Callable[[], bool] | None = None,
-    stop_signal: int = signal.SIGUSR2,
-    on_end: Callable[[Member], None] | None = None,
-) -> list[Member]:
-    """Run every member, at most ``parallel`` at once, each on its own slots; returns them finished.
+@dataclass
+class PoolSettings:
+    """How a pool runs its members (see :class:`Pool`).
 
     ``requeue_code``: a member that exits with it (it saved a checkpoint on a preemption signal) is queued
-    again, and resumes from that checkpoint. ``stop``: once it returns true, no member is started any more and
-    the running ones get ``stop_signal`` (to save and exit); the call returns when they have. ``drop_env``:
-    variables the members must not inherit. ``on_end``: called as each member process ends (not requeued).
+    again, and resumes from that checkpoint. ``stop_signal``: what running members get once a stop is
+    requested (to save and exit). ``drop_env``: variables the members must not inherit; ``env``: added.
     """
-    free = list(range(total_slots))
-    pending = list(members)
-    running: dict[int, tuple[Member, subprocess.Popen[bytes]]] = {}
-    base_env = {k: v for k, v in os.environ.items() if k not in drop_env}
-    stopping = False
-    os.makedirs(os.path.dirname(events_path) or ".", exist_ok=True)
-    try:
-        while running or (pending and not stopping):
-            if stop is not None and not stopping and stop():
-                stopping = True
-                log.warning("pool: stop requested; %d member(s) asked to save and exit", len(running))
-                for _member, proc in running.values():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, stop_signal)
-            while not stopping and pending and len(running) < parallel and len(free) >= slots_per_member:
-                member = pending.pop(0)
-                member.slots, free = free[:slots_per_member], free[slots_per_member:]
-                os.makedirs(os.path.dirname(member.log_path) or ".", exist_ok=True)
-                with open(member.log_path, "ab") as out:
-                    proc = subprocess.Popen(
-                        member.command,
-                        stdout=out,
-                        stderr=subprocess.STDOUT,
-                        env={**base_env, **(env or {}), **pin_env(devices, member.slots)},
-                        start_new_session=True,
-                    )
-                member.pid, member.start = proc.pid, time.time()
-                running[proc.pid] = (member, proc)
-                log.info(
-                    "pool: #%d %s started on %s slots %s (log %s)",
-                    member.index,
-                    member.label,
-                    devices.kind,
-                    member.slots,
-                    member.log_path,
-                )
-            for pid, (member, proc) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                member.end, member.returncode = time.time(), code
-                free = sorted(free + member.slots)
-                del running[pid]
-                _append_event(events_path, member)
-                if requeue_code is not None and code == requeue_code:
-                    if stopping:  # saved for the job's requeue: it runs again when the job does
-                        log.warning(
-                            "pool: #%d %s saved; it resumes when the job is requeued", member.index, member.label
-                        )
-                        continue
-                    log.warning(
-                        "pool: #%d %s saved on a preemption signal; running it again", member.index, member.label
-                    )
-                    pending.insert(0, member)
-                    continue
-                if on_end is not None:
-                    on_end(member)
-                if code == 0:
-                    log.info("pool: #%d %s finished in %.1fs", member.index, member.label, member.end - member.start)
-                else:
-                    log.error(
-                        "pool: #%d %s FAILED with exit code %d; log: %s",
-                        member.index,
-                        member.label,
-                        code,
-                        member.log_path,
-                    )
-            time.sleep(poll_s)
-    finally:
-        for _member, proc in running.values():  # interrupted: take every member's process group down
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return list(members)
+
+    devices: Devices
+    total_slots: int
+    slots_per_member: int
+    parallel: int
+    events_path: str
+    env: dict[str, str] = field(default_factory=dict)
+    drop_env: Sequence[str] = ()
+    requeue_code: int | None = None
+    stop_signal: int = signal.SIGUSR2
+    poll_s: float = 0.2
+
+
+class Pool:
+    """Runs members at most ``parallel`` at once, each in its own process group on its own slots."""
+
+    def __init__(self, settings: PoolSettings) -> None:
+        self.settings = settings
+        self.free = list(range(settings.total_slots))
+        self.pending: list[Member] = []
+        self.running: dict[int, tuple[Member, subprocess.Popen[bytes]]] = {}
+        self.stopping = False
+        self.base_env = {k: v for k, v in os.environ.items() if k not in settings.drop_env}
+
+    def run(
+        self,
+        members: Sequence[Member],
+        stop: Callable[[], bool] | None = None,
+        on_end: Callable[[Member], None] | None = None,
+    ) -> list[Member]:
+        """Run every member; returns them finished. Once ``stop()`` is true no member starts any more and the
+        running ones get the stop signal; this returns when they have exited. ``on_end`` is called as each
+        member process ends (and is not queued again)."""
+        self.pending = list(members)
+        os.makedirs(os.path.dirname(self.settings.events_path) or ".", exist_ok=True)
+        try:
+            while self.running or (self.pending and not self.stopping):
+                if stop is not None and not self.stopping and stop():
+                    self._stop_all()
+                while self._can_start():
+                    self._start(self.pending.pop(0))
+                for pid, (member, proc) in list(self.running.items()):
+                    code = proc.poll()
+                    if code is not None:
+                        del self.running[pid]
+                        self._ended(member, code, on_end)
+                time.sleep(self.settings.poll_s)
+        finally:
+            for _member, proc in self.running.values():  # interrupted: take every member's process group down
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+        return list(members)
+
+    def _can_start(self) -> bool:
+        s = self.settings
+        return (
+            not self.stopping
+            and bool(self.pending)
+            and len(self.running) < s.parallel
+            and (len(self.free) >= s.slots_per_member)
+        )
+
+    def _stop_all(self) -> None:
+        self.stopping = True
+        log.warning("pool: stop requested; %d member(s) asked to save and exit", len(self.running))
+        for _member, proc in self.running.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, self.settings.stop_signal)
+
+    def _start(self, member: Member) -> None:
+        s = self.settings
+        member.slots, self.free = self.free[: s.slots_per_member], self.free[s.slots_per_member :]
+        os.makedirs(os.path.dirname(member.log_path) or ".", exist_ok=True)
+        with open(member.log_path, "ab") as out:
+            proc = subprocess.Popen(
+                member.command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env={**self.base_env, **s.env, **pin_env(s.devices, member.slots)},
+                start_new_session=True,
+            )
+        member.pid, member.start = proc.pid, time.time()
+        self.running[proc.pid] = (member, proc)
+        where = f"{s.devices.kind} slots {member.slots}"
+        log.info("pool: #%d %s started on %s (log %s)", member.index, member.label, where, member.log_path)
+
+    def _ended(self, member: Member, code: int, on_end: Callable[[Member], None] | None) -> None:
+        member.end, member.returncode = time.time(), code
+        self.free = sorted(self.free + member.slots)
+        _append_event(self.settings.events_path, member)
+        if self.settings.requeue_code is not None and code == self.settings.requeue_code:
+            if self.stopping:  # saved for the job's requeue: it runs again when the job does
+                log.warning("pool: #%d %s saved; it resumes when the job is requeued", member.index, member.label)
+            else:
+                log.warning("pool: #%d %s saved on a preemption signal; running it again", member.index, member.label)
+                self.pending.insert(0, member)
+            return
+        if on_end is not None:
+            on_end(member)
+        if code == 0:
+            log.info("pool: #%d %s finished in %.1fs", member.index, member.label, member.end - member.start)
+        else:
+            log.error(
+                "pool: #%d %s FAILED with exit code %d; log: %s", member.index, member.label, code, member.log_path
+            )
 
 
 def _append_event(path: str, member: Member) -> None:
