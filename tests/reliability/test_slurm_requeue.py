@@ -11,19 +11,16 @@ the default session (a deselect, not a skip: the full suite must run it, under C
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from runner.checkpoint.load import read_tensors
-from tests.conftest import TINY, cli_env
-from tests.helpers.ports import free_port
+from tests.conftest import TINY
+from tests.helpers.dist import start, stop
 from tests.reliability import summary
 from tests.slurm.conftest import Sweep, slurm_cluster, wait_for
 
@@ -85,30 +82,13 @@ def test_requeued_twice_in_a_row_resumes_and_matches_uninterrupted(tmp_path: Pat
                 sweep,
             )
         # The uninterrupted run with the same config (same world size, gloo) while the job finishes.
-        reference = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                f"--master_port={free_port()}",
-                "-m",
-                "runner",
-                *DRILL[:-1],
-            ],
-            cwd=ref_dir,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        reference = start(["runner", *DRILL[:-1]], ref_dir, log=ref_dir / "reference.log")
         assert sweep.wait(timeout=600) == 0, sweep.output()
-        assert reference.wait(timeout=300) == 0
+        assert reference.wait(timeout=300) == 0, (ref_dir / "reference.log").read_text()[-3000:]
     finally:
         sweep.close()
-        if reference is not None and reference.poll() is None:
-            os.killpg(reference.pid, signal.SIGKILL)
-            reference.wait(timeout=30)
+        if reference is not None:
+            stop(reference)
 
     (member,) = [p.parent for p in metrics()]
     log0 = (member / "logs" / "rank0.log").read_text()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -15,8 +12,8 @@ import pytest
 import torch
 
 from runner.checkpoint.load import read_tensors
-from tests.conftest import TINY, cli_env
-from tests.helpers.ports import free_port
+from tests.conftest import TINY
+from tests.helpers.dist import start, stop
 from tests.slurm.conftest import Sweep, wait_for
 
 pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -87,28 +84,13 @@ def test_preemption_drill_saves_requeues_and_matches_uninterrupted(tmp_path: Pat
         (job,) = sweep.job_ids()
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
         # The uninterrupted run with the same config (same world size, gloo) while the job requeues.
-        reference = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "torch.distributed.run",
-                "--nproc_per_node=2",
-                f"--master_port={free_port()}",
-                *RUNNER,
-            ],
-            cwd=ref_dir,
-            env=cli_env(),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        reference = start(RUNNER[1:], ref_dir, log=ref_dir / "reference.log")
         assert sweep.wait(timeout=300) == 0, sweep.output()
-        assert reference.wait(timeout=180) == 0
+        assert reference.wait(timeout=180) == 0, (ref_dir / "reference.log").read_text()[-3000:]
     finally:
         sweep.close()
-        if reference is not None and reference.poll() is None:
-            os.killpg(reference.pid, signal.SIGKILL)
-            reference.wait(timeout=30)
+        if reference is not None:
+            stop(reference)
 
     (member,) = [p.parent for p in metrics()]
     log0 = (member / "logs" / "rank0.log").read_text()

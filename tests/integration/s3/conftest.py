@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import IN_CI
-from tests.s3_server import S3Server, dummy_credentials
+from tests.s3_server import S3Server, dummy_credentials, running_server
 
 if not IN_CI:
     pytest.importorskip("moto.server", reason="pip install 'moto[server]' (the test extra) to run the S3 tests")
@@ -20,13 +20,8 @@ if not IN_CI:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's per-request access log
-    server = S3Server()
-    with dummy_credentials():
-        server.start()
-        try:
-            yield server
-        finally:
-            server.stop()
+    with running_server() as server:
+        yield server
 
 
 @pytest.fixture
