@@ -28,7 +28,11 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """ViT (Dosovitskiy et al.) with a class token and learned position embeddings."""
+    """ViT (Dosovitskiy et al.) with a class token and learned position embeddings.
+
+    The constructor's parameters are the ``model`` config group's fields (``ModelConfig``, instantiated by
+    Hydra): that schema is its settings object, so they stay plain keyword arguments, as in torchvision.
+    """
 
     def __init__(
         self,
