@@ -30,7 +30,7 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     """ViT (Dosovitskiy et al.) with a class token and learned position embeddings.
 
-    The constructor's parameters are the ``model`` config group's fields (``ModelConfig``, instantiated by
+    The constructor's parameters are the ``model`` config group's fields (``runner.config.ViTConfig``, instantiated by
     Hydra): that schema is its settings object, so they stay plain keyword arguments, as in torchvision.
     """
 
