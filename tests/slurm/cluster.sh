@@ -177,6 +177,9 @@ SlurmctldParameters=preempt_send_user_signal
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=127.0.0.1
 AccountingStoragePort=$DBD_PORT
+# NOTE: clients reach slurmdbd with the munge socket named here, not AuthInfo's (else the system default
+# /run/munge/munge.socket.2: which works only while some other munged serves it, with the same key).
+AccountingStoragePass=$MUNGE_SOCK
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName=n1 NodeAddr=127.0.0.1 Port=$N1_PORT CPUs=$cpus RealMemory=$mem State=UNKNOWN
