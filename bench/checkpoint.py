@@ -8,9 +8,9 @@ our synchronous save (DCP + manifest with checksums computed while writing + ren
 into the live model and optimizer, checking every byte against the manifest as it is read) and, for
 comparison, DCP's stock ``FileSystemReader`` load (no checks), each after evicting the files from the page
 cache the same way (fsync, then DONTNEED; ``mincore`` must then find no page cached, else the run stops),
-in an order that rotates per round; each round's three reads are printed. The async stall is what the training thread loses: the
-``save`` call plus the wait at the fence before the next optimizer step, with one real ViT-B/16
-forward/backward (batch 2) in between; that step is also timed against one with no write in progress
+in an order that rotates per round; each round's three reads are printed. The async stall is what the
+training thread loses: the ``save`` call plus the wait at the fence before the next optimizer step, with
+one real ViT-B/16 forward/backward (batch 2) in between; that step is also timed against one with no write in progress
 (the cores are shared).
 Buffers are touched before the timed rounds (first touch of fresh memory costs ~2 s/GiB on these VMs).
 Figures are medians; ratios are medians of the per-round ratios. Also timed, as the profile behind
