@@ -58,10 +58,16 @@ TINY = ["+debug=tiny"]
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``), SLURM tests share one worker: they share one cluster, which
-    a session fixture brings up once."""
+    a session fixture brings up once. Tests marked ``full_suite`` run only in the full reliability suite."""
     for item in items:
         if item.get_closest_marker("slurm") is not None:
             item.add_marker(pytest.mark.xdist_group("slurm"))
+    # NOTE: deselected, not skipped: too slow for the default session, and the full suite must run them.
+    if os.environ.get("RUNNER_RELIABILITY_FULL", "") in ("", "0"):
+        slow = [item for item in items if item.get_closest_marker("full_suite")]
+        if slow:
+            config.hook.pytest_deselected(items=slow)
+            items[:] = [item for item in items if not item.get_closest_marker("full_suite")]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -22,12 +22,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.reliability)
-    # NOTE: deselected, not skipped: too slow for the default session, and the full suite must run them.
-    if not full():
-        slow = [item for item in items if item.get_closest_marker("full_suite")]
-        if slow:
-            config.hook.pytest_deselected(items=slow)
-            items[:] = [item for item in items if not item.get_closest_marker("full_suite")]
+    # NOTE: tests marked full_suite are deselected outside the full suite by tests/conftest.py.
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

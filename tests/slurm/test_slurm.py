@@ -71,6 +71,10 @@ def _last_step(metrics: list[Path]) -> int:
     return max(steps, default=0)
 
 
+# NOTE: in the full suite only (`nox -s reliability`): the default run has the same drill on two nodes
+# (tests/slurm/test_two_nodes.py), which asserts all this one does, with ranks on n1 and n2.
+@pytest.mark.reliability
+@pytest.mark.full_suite
 def test_preemption_drill_saves_requeues_and_matches_uninterrupted(tmp_path: Path) -> None:
     slurm_dir, ref_dir = tmp_path / "slurm", tmp_path / "reference"
     slurm_dir.mkdir()

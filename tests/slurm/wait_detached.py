@@ -29,6 +29,10 @@ def main(command: list[str], timeout_s: float = 240) -> int:
     while time.monotonic() < deadline:
         states = ledger.sacct_states(ids)
         if len(states) == len(ids) and all(s in ENDED for s, _ in states.values()):
+            failed = {job: state for job, (state, _) in states.items() if state != "COMPLETED"}
+            if failed:  # the suite would only see a missing output file: say why
+                print(f"wait_detached: jobs ended {failed}", file=sys.stderr)
+                return 1
             return 0
         time.sleep(0.5)
     print(f"wait_detached: jobs {ids} did not end within {timeout_s:.0f}s", file=sys.stderr)
