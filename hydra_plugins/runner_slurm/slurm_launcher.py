@@ -42,6 +42,16 @@ class RunnerSlurmLauncher(SlurmLauncher):
     def __init__(self, wait: bool = True, **params: Any) -> None:
         super().__init__(**params)  # NOTE: without `wait`: upstream passes every param on to the executor
         self.wait = bool(wait)
+        from runner.config import ConfigError
+
+        delay, limit = params.get("signal_delay_s"), params.get("timeout_min")
+        if delay is not None and limit is not None and delay >= 60 * limit:
+            # NOTE: SLURM would send the save-and-requeue signal as the job starts, and again at every requeue.
+            raise ConfigError(
+                f"hydra.launcher.signal_delay_s={delay} is not shorter than hydra.launcher.timeout_min={limit} "
+                f"({60 * limit} s): the preemption signal would arrive as each job starts; lower "
+                "hydra.launcher.signal_delay_s or raise hydra.launcher.timeout_min"
+            )
 
     def _executor(self, **overrides: Any) -> Any:
         """Upstream's executor, from the launcher's parameters (``overrides`` replace some of them)."""

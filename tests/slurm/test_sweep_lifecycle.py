@@ -177,7 +177,17 @@ def test_packed_sweep_one_job_two_at_once_and_a_member_preempted_inside_resumes(
 
 @pytest.mark.parametrize(
     "launcher_name, overrides",
-    [("runner_slurm", ["hydra.launcher.timeout_min=2", "hydra.launcher.max_num_timeout=1"])],
+    [
+        (
+            "runner_slurm",
+            ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=1"],
+        ),
+        # several members per job, each on its own slot (the suite's sweeps have 1-2 members: one job each)
+        (
+            "runner_slurm_packed",
+            ["hydra.launcher.timeout_min=2", "hydra.launcher.signal_delay_s=30", "hydra.launcher.slots_per_job=2"],
+        ),
+    ],
 )
 class TestRunnerSlurmLauncher(LauncherTestSuite):
     """Hydra's own launcher suite on the real cluster (acceptance 7), blocking mode (``wait=true``): it checks
@@ -195,6 +205,7 @@ class TestRunnerSlurmLauncher(LauncherTestSuite):
                 "hydra/job_logging=disabled",
                 "hydra/launcher=runner_slurm",
                 "hydra.launcher.timeout_min=2",
+                "hydra.launcher.signal_delay_s=30",
                 "hydra.launcher.wait=false",
             ],
         )
@@ -208,3 +219,25 @@ class TestRunnerSlurmLauncherDetachedIntegration(IntegrationTestSuite):
     def generate_custom_cmd(self) -> Callable[..., list[str]]:
         waiter = str(Path(__file__).with_name("wait_detached.py"))
         return lambda cmd, filename: [sys.executable, waiter, *cmd]
+
+
+@pytest.mark.parametrize(
+    "task_launcher_cfg, extra_flags",
+    [
+        (
+            {},
+            [
+                "-m",
+                "hydra/hydra_logging=disabled",
+                "hydra/job_logging=disabled",
+                "hydra/launcher=runner_slurm_packed",
+                "hydra.launcher.timeout_min=2",
+                "hydra.launcher.signal_delay_s=30",
+                "hydra.launcher.slots_per_job=2",
+            ],
+        )
+    ],
+)
+class TestRunnerSlurmPackedIntegration(IntegrationTestSuite):
+    """Hydra's integration suite for ``hydra/launcher=slurm_packed`` (blocking): members run through the device
+    pool inside their job, in their own sweep subdirectories, with Hydra's working-directory rules."""

@@ -46,3 +46,19 @@ def test_pool_plan_and_pinning() -> None:
         plan(Devices("cpu", (0, 1)), 2, 3, None)
     with pytest.raises(PoolConfigError, match="only 2 GPUs"):
         plan(Devices("cuda", (0, 1)), 4, 1, None)
+
+
+@pytest.mark.parametrize("launcher", ["slurm", "slurm_packed"])
+def test_a_signal_delay_as_long_as_the_time_limit_is_refused(launcher: str) -> None:
+    """SLURM would send the save-and-requeue signal as each job starts (and at every requeue)."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from runner.config import ConfigError
+
+    params = OmegaConf.to_container(_hydra([f"hydra/launcher={launcher}", "hydra.launcher.timeout_min=2"]).launcher)
+    assert isinstance(params, dict)
+    cls = get_class(str(params.pop("_target_")))
+    with pytest.raises(ConfigError, match=r"signal_delay_s=120 is not shorter than hydra.launcher.timeout_min=2"):
+        cls(**params)
+    assert cls(**{**params, "signal_delay_s": 30}).params["timeout_min"] == 2
