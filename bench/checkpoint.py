@@ -65,7 +65,7 @@ def vitb16_state() -> TrainState:
         p.grad = torch.randn_like(p) * 1e-3
     opt.step()
     opt.zero_grad(set_to_none=True)
-    data = TrainStream(SyntheticImages(16, 224, 1000, 1.0, 0, 0), 2, 0, 0, 1, 0, pin=False)
+    data = TrainStream(SyntheticImages(16, 224, 1000, 1.0, 0, 0), 2, 0)
     return TrainState(model, opt, data, step=1)
 
 

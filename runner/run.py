@@ -174,7 +174,7 @@ class Run:
         torch.manual_seed(self.trainer.seed + rank)
         pin = self.device.type == "cuda"
         stream = TrainStream(
-            parts.data.train, self.trainer.batch_size, self.trainer.seed, rank, world, parts.data.num_workers, pin
+            parts.data.train, self.trainer.batch_size, self.trainer.seed, (rank, world), parts.data.num_workers, pin
         )
         scaler = torch.amp.GradScaler(self.device.type) if self.trainer.precision == "amp_fp16" else None
         return parts, TrainState(parts.model, parts.optimizer, stream, scaler)

@@ -262,11 +262,12 @@ class TrainStream:
         dataset: Dataset[Sample],
         batch_size: int,
         seed: int,
-        rank: int,
-        world: int,
-        num_workers: int,
-        pin: bool,
+        replica: tuple[int, int] = (0, 1),
+        num_workers: int = 0,
+        pin: bool = False,
     ) -> None:
+        """``replica``: (this rank, world size); each rank reads its own share of every epoch."""
+        rank, world = replica
         self.sampler = EpochSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
         self.loader = StatefulDataLoader(
             dataset,

@@ -22,7 +22,7 @@ def make_state(init_seed: int = 0) -> TrainState:
     torch.manual_seed(init_seed)
     model = VisionTransformer(image_size=16, patch_size=8, num_classes=4, width=16, depth=1, heads=2)
     opt = torch.optim.AdamW(param_groups(model, 0.05), lr=1e-2)
-    data = TrainStream(SyntheticImages(64, 16, 4, 1.0, seed, 0), 8, seed, 0, 1, 0, pin=False)
+    data = TrainStream(SyntheticImages(64, 16, 4, 1.0, seed, 0), 8, seed)
     return TrainState(model, opt, data)
 
 

@@ -27,7 +27,7 @@ def main(run_dir: str, phase: str, failing: int, mode: str) -> int:
     torch.manual_seed(0)
     model = torch.nn.Linear(8, 4)
     optimizer = torch.optim.AdamW(model.parameters())
-    stream = TrainStream(SyntheticImages(64, 8, 4, 0.5, 0, 0), 4, 0, env.rank, env.world_size, 0, pin=False)
+    stream = TrainStream(SyntheticImages(64, 8, 4, 0.5, 0, 0), 4, 0, (env.rank, env.world_size))
     state = TrainState(model, optimizer, stream)
     state.step = 7
     group = distributed.side_group(120) if mode == "async" else None
