@@ -269,7 +269,8 @@ class _Storage:
 
 
 class _TensorSpec:
-    """What ``torch._utils._rebuild_tensor_v2`` would build, described instead of built."""
+    """What ``torch._utils._rebuild_tensor_v2`` would build, described instead of built. Its parameters are
+    that function's, in its order: the pickle calls it with them."""
 
     def __init__(
         self,
