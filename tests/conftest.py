@@ -56,6 +56,7 @@ def run_cli(
 TINY = ["+debug=tiny"]
 
 
+@pytest.hookimpl(tryfirst=True)  # NOTE: before xdist's, which turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under pytest-xdist (``--dist loadgroup``), SLURM tests share one worker: they share one cluster, which
     a session fixture brings up once. Tests marked ``full_suite`` run only in the full reliability suite."""

@@ -25,6 +25,7 @@ from tests.reliability import summary
 from tests.slurm.conftest import Sweep, slurm_cluster, wait_for
 
 pytestmark = [
+    pytest.mark.xdist_group("slurm"),
     pytest.mark.slurm,
     pytest.mark.dist,
     pytest.mark.slow,

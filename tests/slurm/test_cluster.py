@@ -15,7 +15,7 @@ import pytest
 
 from tests.slurm.conftest import CLUSTER
 
-pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.usefixtures("slurm_cluster")]
 
 
 def _cluster(cmd: str, state: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

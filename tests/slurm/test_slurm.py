@@ -16,7 +16,13 @@ from tests.conftest import TINY
 from tests.helpers.dist import start, stop
 from tests.slurm.conftest import Sweep, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.dist,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("slurm_cluster"),
+]
 
 
 def _records(metrics: Path) -> list[dict[str, object]]:

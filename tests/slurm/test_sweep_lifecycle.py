@@ -20,7 +20,12 @@ from runner.sweep.ledger import Record
 from tests.conftest import TINY, cli_env
 from tests.helpers.hydra_suites import unspecified_version_base
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.slow,
+    pytest.mark.usefixtures("slurm_cluster"),
+]
 
 
 @pytest.fixture(autouse=True)

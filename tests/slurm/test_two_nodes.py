@@ -25,7 +25,13 @@ from tests.conftest import TINY, run_cli
 from tests.s3_server import S3Server, dummy_credentials
 from tests.slurm.conftest import Sweep, wait_for
 
-pytestmark = [pytest.mark.slurm, pytest.mark.dist, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.xdist_group("slurm"),
+    pytest.mark.dist,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("slurm_cluster"),
+]
 
 TWO_NODES = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1"]
 MEMBERS = ["debug=tiny,parallel=ddp", "debug=tiny,parallel=fsdp"]
