@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import NoReturn
 
 import pytest
@@ -21,6 +23,14 @@ def unavailable(reason: str) -> NoReturn:
     if IN_CI:
         pytest.fail(f"{reason}; CI must run this test")
     pytest.skip(reason)
+
+
+def require(module: str, reason: str) -> ModuleType:
+    """``module``, imported; if it is missing, :func:`unavailable` (a failure under CI, a skip elsewhere)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        unavailable(f"{module} is not installed: {reason}")
 
 
 def cli_env(extra: dict[str, str] | None = None) -> dict[str, str]:

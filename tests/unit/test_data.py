@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from runner.train.data import ImageTransform, imagefolder_splits
@@ -65,7 +64,8 @@ def test_samples_depend_on_seed_index_and_epoch_only(tmp_path: Path) -> None:
 
 
 def _write_tree(root: Path) -> None:
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil  # a runner dependency (image-folder decoding)
+
     noise = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
         for label in ("a", "b"):

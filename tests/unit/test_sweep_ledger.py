@@ -13,6 +13,7 @@ import pytest
 from runner.sweep import __main__ as cli
 from runner.sweep import commands, ledger
 from runner.sweep.report import ranked, report, swept
+from tests.conftest import require
 
 STEPS = 40
 
@@ -123,7 +124,7 @@ def test_status_table_json_and_not_a_sweep(tmp_path: Path, capsys: pytest.Captur
 
 
 def test_report_ranks_by_objective_and_draws_the_sweep(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("matplotlib")
+    require("matplotlib", "pip install 'runner[report]' to draw report.png")
     sweep = _fake_sweep(tmp_path)
     records = ledger.read(str(sweep))
     assert swept(records) == ["opt.lr"]  # model.depth and +debug are the same for all: not shown
@@ -138,7 +139,7 @@ def test_report_ranks_by_objective_and_draws_the_sweep(tmp_path: Path, capsys: p
 
 
 def test_report_works_on_a_running_sweep(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
+    require("matplotlib", "pip install 'runner[report]' to draw report.png")
     sweep = _fake_sweep(tmp_path, finished=1)
     text, written = report(str(sweep), ledger.read(str(sweep)))
     assert "RUNNING" in text and Path(written["png"]).exists()
