@@ -66,13 +66,9 @@ def run_cli(
 TINY = ["+debug=tiny"]
 
 
-@pytest.hookimpl(tryfirst=True)  # NOTE: before xdist's, which turns xdist_group marks into node ids
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under pytest-xdist (``--dist loadgroup``), SLURM tests share one worker: they share one cluster, which
-    a session fixture brings up once. Tests marked ``full_suite`` run only in the full reliability suite."""
-    for item in items:
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+    """Tests marked ``full_suite`` run only in the full reliability suite. (SLURM tests share one xdist
+    worker through their own marks: tests/slurm/conftest.py ON_CLUSTER.)"""
     # NOTE: deselected, not skipped: too slow for the default session, and the full suite must run them.
     if os.environ.get("RUNNER_RELIABILITY_FULL", "") in ("", "0"):
         slow = [item for item in items if item.get_closest_marker("full_suite")]

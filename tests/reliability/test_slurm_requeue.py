@@ -22,16 +22,9 @@ from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY
 from tests.helpers.dist import start, stop
 from tests.reliability import summary
-from tests.slurm.conftest import Sweep, slurm_cluster, wait_for
+from tests.slurm.conftest import ON_CLUSTER, Sweep, slurm_cluster, wait_for
 
-pytestmark = [
-    pytest.mark.xdist_group("slurm"),
-    pytest.mark.slurm,
-    pytest.mark.dist,
-    pytest.mark.slow,
-    pytest.mark.full_suite,
-    pytest.mark.usefixtures("slurm_cluster"),
-]
+pytestmark = [*ON_CLUSTER, pytest.mark.dist, pytest.mark.slow, pytest.mark.full_suite]
 __all__ = ["slurm_cluster"]  # the session fixture, imported so this folder can use it
 
 ROW_DIST = summary.ROWS[12]

@@ -24,6 +24,10 @@ from tests.conftest import REPO, cli_env, unavailable
 
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 
+#: The marks of every test that runs on the test cluster: the session's one cluster, and one pytest-xdist
+#: worker for all of them (--dist loadgroup), so no test's jobs meet another's (an urgent job preempts all).
+ON_CLUSTER = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.usefixtures("slurm_cluster")]
+
 
 def _cluster(cmd: str, timeout: float) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["bash", str(CLUSTER), cmd], capture_output=True, text=True, timeout=timeout)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm.conftest import CLUSTER
+from tests.slurm.conftest import CLUSTER, ON_CLUSTER
 
-pytestmark = [pytest.mark.slurm, pytest.mark.xdist_group("slurm"), pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = ON_CLUSTER
 
 
 def _cluster(cmd: str, state: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -14,15 +14,9 @@ import torch
 from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY
 from tests.helpers.dist import start, stop
-from tests.slurm.conftest import Sweep, wait_for
+from tests.slurm.conftest import ON_CLUSTER, Sweep, wait_for
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.xdist_group("slurm"),
-    pytest.mark.dist,
-    pytest.mark.slow,
-    pytest.mark.usefixtures("slurm_cluster"),
-]
+pytestmark = [*ON_CLUSTER, pytest.mark.dist, pytest.mark.slow]
 
 
 def _records(metrics: Path) -> list[dict[str, object]]:

@@ -19,13 +19,9 @@ from runner.sweep import commands, ledger
 from runner.sweep.ledger import Record
 from tests.conftest import TINY, cli_env
 from tests.helpers.hydra_suites import unspecified_version_base
+from tests.slurm.conftest import ON_CLUSTER
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.xdist_group("slurm"),
-    pytest.mark.slow,
-    pytest.mark.usefixtures("slurm_cluster"),
-]
+pytestmark = [*ON_CLUSTER, pytest.mark.slow]
 
 
 @pytest.fixture(autouse=True)

@@ -23,15 +23,9 @@ import torch
 from runner.checkpoint.load import read_tensors
 from tests.conftest import TINY, run_cli
 from tests.s3_server import S3Server, dummy_credentials
-from tests.slurm.conftest import Sweep, wait_for
+from tests.slurm.conftest import ON_CLUSTER, Sweep, wait_for
 
-pytestmark = [
-    pytest.mark.slurm,
-    pytest.mark.xdist_group("slurm"),
-    pytest.mark.dist,
-    pytest.mark.slow,
-    pytest.mark.usefixtures("slurm_cluster"),
-]
+pytestmark = [*ON_CLUSTER, pytest.mark.dist, pytest.mark.slow]
 
 TWO_NODES = ["hydra/launcher=slurm", "hydra.launcher.nodes=2", "hydra.launcher.tasks_per_node=1"]
 MEMBERS = ["debug=tiny,parallel=ddp", "debug=tiny,parallel=fsdp"]
