@@ -20,15 +20,17 @@ PYTHON = "3.11"
 # NOTE: install the CPU wheel first. pyproject.toml keeps a range (torch>=2.4) for real users, but on a
 # machine without a CUDA-less index a bare `torch` resolves to a multi-GB CUDA build.
 TORCH = os.environ.get("RUNNER_TORCH_SPEC", "torch==2.13.0")
+MYPY = "mypy>=1.10"
 
 
-def install(session: nox.Session, *extras: str) -> None:
-    """torch (the CPU wheel), then runner and ``extras``, editable. A reused virtualenv that already holds
-    exactly these (same pyproject.toml, torch spec and extras) installs nothing: pip would spend ~10 s finding
-    that out. ``--reuse-venv=never`` rebuilds it."""
+def install(session: nox.Session, *extras: str, tools: tuple[str, ...] = ()) -> None:
+    """torch (the CPU wheel), runner with ``extras`` (editable) and ``tools``, in one pip call: one resolution
+    and one install pass instead of one per call. A reused virtualenv that already holds exactly these (same
+    pyproject.toml, torch spec, extras and tools) installs nothing: pip would spend ~10 s finding that out.
+    ``--reuse-venv=never`` rebuilds it."""
     spec = f".[{','.join(extras)}]" if extras else "."
     with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "pyproject.toml"), "rb") as f:
-        wanted = hashlib.sha256(f.read() + f"{TORCH} {spec}".encode()).hexdigest()
+        wanted = hashlib.sha256(f.read() + f"{TORCH} {spec} {' '.join(tools)}".encode()).hexdigest()
     location = getattr(session.virtualenv, "location", None)
     stamp = os.path.join(location, ".runner-installed") if location else None
     if stamp is not None and os.path.exists(stamp):
@@ -36,8 +38,8 @@ def install(session: nox.Session, *extras: str) -> None:
             if f.read() == wanted:
                 session.log(f"reusing {location} (runner{spec[1:]} and {TORCH} already installed)")
                 return
-    session.install(TORCH)
-    session.install("-e", spec)
+    # NOTE: the exact torch pin in the same call resolves to the CPU wheel, as installing it first did.
+    session.install(TORCH, "-e", spec, *tools)
     if stamp is not None:
         with open(stamp, "w") as f:
             f.write(wanted)
@@ -46,7 +48,7 @@ def install(session: nox.Session, *extras: str) -> None:
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Unit and integration tests (S3, SLURM and multi-process tests start their own servers)."""
-    install(session, "test", "sweep", "report")
+    install(session, "test", "sweep", "report", tools=(MYPY,))
     typecheck_here(session)
     # --durations: the suite must stay under 10 minutes on 2 cores; CI prints where the time goes.
     # -n 2: most tests wait on subprocesses (CLI runs, torchrun, servers), so two workers use both cores;
@@ -62,14 +64,14 @@ def lint(session: nox.Session) -> None:
 
 
 def typecheck_here(session: nox.Session) -> None:
-    session.install("mypy>=1.10")
+    """mypy, installed by the session's :func:`install` (``tools=(MYPY,)``)."""
     session.run("mypy", "runner", "hydra_plugins")
 
 
 @nox.session(python=PYTHON, reuse_venv=True)
 def typecheck(session: nox.Session) -> None:
     """mypy alone (the tests session runs it too)."""
-    install(session)
+    install(session, tools=(MYPY,))
     typecheck_here(session)
 
 

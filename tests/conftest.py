@@ -77,6 +77,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             items[:] = [item for item in items if not item.get_closest_marker("full_suite")]
 
 
+_BUSY: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Seconds each pytest-xdist worker spent in tests (setup + call + teardown), summed on the controller."""
+    node = getattr(report, "node", None)
+    worker = getattr(getattr(node, "gateway", None), "id", None) or "main"
+    _BUSY[worker] = _BUSY.get(worker, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """The busiest worker sets the wall time (SLURM tests all run on one): CI prints the balance."""
+    if _BUSY:
+        busy = ", ".join(f"{worker} {seconds:.0f} s" for worker, seconds in sorted(_BUSY.items()))
+        terminalreporter.write_line(f"time in tests per worker: {busy}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def installed() -> None:
     """What the entry point does before composing: schemas, resolvers, the YAML alias guard."""

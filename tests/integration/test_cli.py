@@ -1,4 +1,9 @@
-"""The real command line: bad input exits 2 with one line and leaves nothing behind; help and --cfg."""
+"""The real command line: bad input exits 2 with one line and leaves nothing behind; help and --cfg.
+
+Most cases run the entry in this process (tests/helpers/inproc.py: the same ``cli()``, output captured at the
+file descriptors, ``SystemExit`` as the exit code); what only a new interpreter shows runs as a subprocess:
+that the process itself exits 2 with one line, and which modules a dry run imports.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
+from tests.helpers.inproc import run_cli_here
 
 BAD = [
     ("opt.lr=abc", "opt.lr"),
@@ -25,7 +31,7 @@ BAD = [
 
 @pytest.mark.parametrize(("override", "key"), BAD)
 def test_bad_config_exits_2_with_one_line_and_no_run_dir(workdir: Path, override: str, key: str) -> None:
-    proc = run_cli([override], cwd=workdir, check=False, timeout=120)
+    proc = run_cli_here([override], cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
@@ -38,18 +44,21 @@ def test_max_steps_zero_validates_without_torch_and_leaves_nothing(workdir: Path
     assert "dry run" in proc.stdout
     assert not re.search(r"\| torch$", proc.stderr, re.MULTILINE), "a dry run imported torch"
     assert list(workdir.iterdir()) == []
-    # Still a validation: a bad value fails as it would for a real run.
+    # Still a validation: a bad value fails as it would for a real run. (And the process itself exits 2 with
+    # one line, leaving nothing: the in-process cases above see SystemExit(2) and the captured output.)
     bad = run_cli(["trainer.max_steps=0", "opt.lr=-1"], cwd=workdir, check=False)
     assert bad.returncode == 2 and "opt.lr" in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()], bad.stderr
+    assert bad.stderr.startswith("error: opt.lr") and list(workdir.iterdir()) == []
 
 
 def test_a_bad_image_transform_names_the_value_and_the_choices(workdir: Path) -> None:
     """The recipe is validated before torch is imported, as every other choice is."""
     folder = ["data=imagefolder", "data.root=/nowhere", "data.num_classes=3"]
-    proc = run_cli([*folder, "data.transform=crop"], cwd=workdir, check=False)
+    proc = run_cli_here([*folder, "data.transform=crop"], cwd=workdir, check=False)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and lines == ["error: data.transform: unknown value 'crop'; choose one of resize, rrc"]
-    bad_range = run_cli([*folder, "data.transform=rrc", "data.eval_crop_pct=1.5"], cwd=workdir, check=False)
+    bad_range = run_cli_here([*folder, "data.transform=rrc", "data.eval_crop_pct=1.5"], cwd=workdir, check=False)
     assert bad_range.returncode == 2 and "error: data.eval_crop_pct: must be in (0, 1]" in bad_range.stderr
     assert list(workdir.iterdir()) == []
     ok = run_cli(
@@ -59,12 +68,12 @@ def test_a_bad_image_transform_names_the_value_and_the_choices(workdir: Path) ->
 
 
 def test_unknown_option_lists_the_choices(workdir: Path) -> None:
-    proc = run_cli(["model=nope"], cwd=workdir, check=False)
+    proc = run_cli_here(["model=nope"], cwd=workdir, check=False)
     assert "vit_tiny" in proc.stderr and "vitb16" in proc.stderr
 
 
 def test_cfg_job_prints_the_composed_config(workdir: Path) -> None:
-    proc = run_cli(["--cfg", "job", "model=vitb16"], cwd=workdir)
+    proc = run_cli_here(["--cfg", "job", "model=vitb16"], cwd=workdir)
     for group in ("model:", "opt:", "sched:", "data:", "storage:", "trainer:"):
         assert group in proc.stdout
     assert "width: 768" in proc.stdout
@@ -72,7 +81,7 @@ def test_cfg_job_prints_the_composed_config(workdir: Path) -> None:
 
 
 def test_help_lists_groups_and_options(workdir: Path) -> None:
-    proc = run_cli(["--help"], cwd=workdir)
+    proc = run_cli_here(["--help"], cwd=workdir)
     for text in ("model:", "vitb16", "opt:", "sgd", "sched:", "const_cooldown", "data:", "imagefolder", "storage:"):
         assert text in proc.stdout, text
     groups = proc.stdout.split("== Config groups ==")[1].split("== Config ==")[0]
@@ -91,7 +100,7 @@ def test_help_lists_groups_and_options(workdir: Path) -> None:
     ],
 )
 def test_an_unimportable_target_is_one_line_exit_2_and_nothing_written(workdir: Path, overrides: list[str]) -> None:
-    proc = run_cli([*overrides, "+debug=tiny"], cwd=workdir, check=False)
+    proc = run_cli_here([*overrides, "+debug=tiny"], cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: model._target_"), proc.stderr
@@ -114,7 +123,7 @@ def test_a_sweep_validates_every_member_before_launching_any(
 ) -> None:
     """Value checks (ranges, choices, combinations) run for every member up front, whatever the launcher: the
     valid member 0 is not trained, and nothing is written. (SLURM: rejected before anything is submitted.)"""
-    proc = run_cli(["-m", f"hydra/launcher={launcher}", sweep, "+debug=tiny"], cwd=workdir, check=False)
+    proc = run_cli_here(["-m", f"hydra/launcher={launcher}", sweep, "+debug=tiny"], cwd=workdir, check=False)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: sweep member #1 ") and bad in lines[0], proc.stderr
@@ -123,13 +132,13 @@ def test_a_sweep_validates_every_member_before_launching_any(
 
 
 def test_resume_from_a_path_that_does_not_exist_says_so(workdir: Path) -> None:
-    proc = run_cli(["+debug=tiny", f"trainer.resume={workdir / 'nowhere' / 'step_5'}"], cwd=workdir, check=False)
+    proc = run_cli_here(["+debug=tiny", f"trainer.resume={workdir / 'nowhere' / 'step_5'}"], cwd=workdir, check=False)
     assert proc.returncode == 1
     assert "no such checkpoint" in proc.stderr and "manifest" not in proc.stderr, proc.stderr
 
 
 def test_vitb16_runs_two_steps_and_reports_its_size(workdir: Path) -> None:
-    proc = run_cli(
+    proc = run_cli_here(
         [
             "model=vitb16",
             "opt=adamw",

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY, run_cli
+from tests.helpers.inproc import run_cli_here
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def _check_best(tmp_path: Path, proc_output: str, trials: int) -> None:
 
 
 def test_optuna_preset_on_the_basic_launcher(tmp_path: Path) -> None:
-    proc = run_cli(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY], tmp_path, timeout=240)
+    proc = run_cli_here(["-m", "hparams_search=optuna", "hydra.sweeper.n_trials=3", *TINY], tmp_path)
     _check_best(tmp_path, proc.stdout + proc.stderr, trials=3)
     assert "setup plugin" not in proc.stdout + proc.stderr  # alembic's chatter (Optuna imports it)
 

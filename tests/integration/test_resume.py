@@ -1,4 +1,8 @@
-"""Kill a run after a checkpoint, run the same command again: it resumes and ends bitwise identical."""
+"""Kill a run after a checkpoint, run the same command again: it resumes and ends bitwise identical.
+
+The kill needs a process of its own; the runs of the other tests go through the entry in this process
+(tests/helpers/inproc.py).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import torch
 
 from runner.train.metrics import read_metrics
 from tests.conftest import cli_env, run_cli
+from tests.helpers.inproc import run_cli_here
 from tests.helpers.runs import final_tensors
 
 ARGS = [
@@ -74,17 +79,17 @@ def test_sigkill_then_rerun_resumes_bitwise_identically(tmp_path: Path) -> None:
 
 def test_completed_run_says_so_and_does_nothing(tmp_path: Path) -> None:
     args = ["+debug=tiny", f"hydra.run.dir={tmp_path / 'run'}"]
-    run_cli(args, cwd=tmp_path)
+    run_cli_here(args, cwd=tmp_path)
     before = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
-    again = run_cli(args, cwd=tmp_path)
+    again = run_cli_here(args, cwd=tmp_path)
     assert "already complete at step 6" in again.stdout
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == before
 
 
 def test_resume_none_starts_fresh_and_keeps_the_old_checkpoints(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(["+debug=tiny", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
-    fresh = run_cli(["+debug=tiny", f"hydra.run.dir={run_dir}", "trainer.resume=none"], cwd=tmp_path)
+    run_cli_here(["+debug=tiny", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    fresh = run_cli_here(["+debug=tiny", f"hydra.run.dir={run_dir}", "trainer.resume=none"], cwd=tmp_path)
     assert "starting fresh" in fresh.stdout
     for old in ("checkpoints", "metrics.jsonl", "tb"):  # set aside, not drawn on top of the new run's curves
         assert any(p.name.startswith(f"{old}.replaced-") for p in run_dir.iterdir()), old
@@ -93,8 +98,8 @@ def test_resume_none_starts_fresh_and_keeps_the_old_checkpoints(tmp_path: Path) 
 
 
 def test_default_name_comes_from_overrides_not_the_clock(tmp_path: Path) -> None:
-    run_cli(["+debug=tiny", "trainer.max_steps=2"], cwd=tmp_path)
-    run_cli(["+debug=tiny", "trainer.max_steps=4"], cwd=tmp_path)
+    run_cli_here(["+debug=tiny", "trainer.max_steps=2"], cwd=tmp_path)
+    run_cli_here(["+debug=tiny", "trainer.max_steps=4"], cwd=tmp_path)
     runs = sorted(p.name for p in (tmp_path / "outputs").iterdir())
     assert runs == ["debug=tiny"]
     assert (tmp_path / "outputs" / "debug=tiny" / "checkpoints" / "step_4").exists()

@@ -3,7 +3,8 @@
 Every sweep runs twice, with ``hydra/sweeper=basic`` (Hydra's own, which composes every member) and with
 the default: the exit code and the reason in the error line must be the same (the default also names the
 member). Members are dry runs
-(``trainer.max_steps=0``), so a sweep that passes validation costs about a second.
+(``trainer.max_steps=0``), so a sweep that passes validation costs about a second; each runs in this process
+(tests/helpers/inproc.py), as nothing here needs a process of its own.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers.inproc import run_cli_here
 
 SWEEPS = {
     "values and group options": ["trainer.seed=range(3)", "model=vit_tiny,vits16"],
@@ -26,7 +27,7 @@ SWEEPS = {
 
 def sweep(cwd: Path, args: list[str], basic: bool) -> tuple[int, str, str]:
     extra = ["hydra/sweeper=basic"] if basic else []
-    proc = run_cli(["-m", "trainer.max_steps=0", *extra, *args], cwd, check=False)
+    proc = run_cli_here(["-m", "trainer.max_steps=0", *extra, *args], cwd, check=False)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     return proc.returncode, errors[-1] if errors else "", proc.stdout + proc.stderr
 

@@ -1,7 +1,8 @@
 """Bad configuration, table-driven: each row exits 2 with one line naming the key and the fix, writes nothing.
 
 tests/integration/test_cli.py checks a few of these for the key only; this table also pins the fix, covers
-cross-group combinations, and feeds the reliability summary.
+cross-group combinations, and feeds the reliability summary. Each row runs the entry in this process
+(tests/helpers/inproc.py); tests/integration/test_cli.py checks that the process itself exits 2 with one line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers.inproc import run_cli_here
 from tests.reliability import summary
 from tests.reliability.conftest import full
 
@@ -73,7 +74,7 @@ RUN = BAD if full() else BAD[::2]
 
 @pytest.mark.parametrize(("overrides", "key", "fix"), RUN, ids=[" ".join(o) for o, _, _ in RUN])
 def test_bad_config_exits_2_naming_key_and_fix(tmp_path: Path, overrides: list[str], key: str, fix: str) -> None:
-    proc = run_cli(overrides, cwd=tmp_path, check=False, timeout=120)
+    proc = run_cli_here(overrides, cwd=tmp_path, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr[-2000:]

@@ -18,6 +18,7 @@ from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage
 from runner.train.metrics import read_metrics
 from tests.conftest import run_cli, unavailable
+from tests.helpers.inproc import run_cli_here
 from tests.reliability import summary
 from tests.reliability.conftest import full
 
@@ -60,7 +61,7 @@ def fill(disk: Path, leave_bytes: int) -> Path:
 
 def test_disk_full_save_fails_loudly_and_keeps_the_previous_checkpoint(small_disk: Path, tmp_path: Path) -> None:
     run_dir = small_disk / "run"
-    run_cli([*TINY, "trainer.max_steps=3", "trainer.ckpt_every=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    run_cli_here([*TINY, "trainer.max_steps=3", "trainer.ckpt_every=3", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     before = read_tensors(str(run_dir / "checkpoints" / "step_3"))
     filler = fill(small_disk, 256 << 10)
 
@@ -101,7 +102,9 @@ def test_disk_full_save_fails_loudly_and_keeps_the_previous_checkpoint(small_dis
 
     # Space comes back: the same command resumes from the intact step 3 and finishes.
     filler.unlink()
-    proc = run_cli([*TINY, "trainer.max_steps=6", "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_cli_here(
+        [*TINY, "trainer.max_steps=6", "trainer.ckpt_every=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path
+    )
     assert "resuming from step 3 " in proc.stdout
     assert verify(LocalStorage(str(run_dir)), "checkpoints/step_6")[0] is not None
     summary.case(ROW_FAULT)
@@ -126,7 +129,7 @@ def test_nonfinite_stop_saves_the_last_good_state_and_exits_nonzero(tmp_path: Pa
 
 def test_nonfinite_skip_counts_and_never_applies_a_bad_update(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    proc = run_cli([*BLOW_UP, "trainer.on_nonfinite=skip", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_cli_here([*BLOW_UP, "trainer.on_nonfinite=skip", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     skipped = [line for line in proc.stdout.splitlines() if "update skipped" in line]
     assert len(skipped) == 5 and "step 2:" in skipped[0] and "5 skipped so far" in skipped[-1], proc.stdout[-3000:]
     final = read_tensors(str(run_dir / "checkpoints" / "step_6"))
@@ -147,7 +150,7 @@ DAMAGES_RUN = DAMAGES if full() else ["truncated"]
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("corrupt")
-    run_cli([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2", f"hydra.run.dir={root / 'run'}"], cwd=root)
+    run_cli_here([*TINY, "trainer.max_steps=4", "trainer.ckpt_every=2", f"hydra.run.dir={root / 'run'}"], cwd=root)
     return root / "run"
 
 
@@ -187,7 +190,9 @@ def test_damaged_newest_checkpoint_is_skipped_on_resume(two_checkpoints: Path, t
     run_dir = tmp_path / "run"
     shutil.copytree(two_checkpoints, run_dir)
     name = damage(run_dir / "checkpoints" / "step_4", how)
-    proc = run_cli([*TINY, "trainer.max_steps=6", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    proc = run_cli_here(
+        [*TINY, "trainer.max_steps=6", "trainer.ckpt_every=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path
+    )
     out = proc.stdout + proc.stderr
     warning = next((line for line in out.splitlines() if "skipping checkpoint" in line), "")
     assert "step_4" in warning and name in warning, out[-3000:]

@@ -26,8 +26,9 @@ import yaml
 from runner.checkpoint.load import read_tensors
 from runner.checkpoint.manifest import verify
 from runner.storage import LocalStorage, checksum
-from tests.conftest import IN_CI, cli_env, run_cli
+from tests.conftest import IN_CI, cli_env
 from tests.fault_proxy import FaultProxy
+from tests.helpers.inproc import run_cli_here
 from tests.helpers.runs import committed_steps
 from tests.reliability import summary
 from tests.reliability.conftest import full
@@ -70,7 +71,7 @@ def proxy(server: S3Server) -> Iterator[FaultProxy]:
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tensor]:
     """The uninterrupted run, local only: what every faulted run must end bitwise equal to."""
     root = tmp_path_factory.mktemp("reference")
-    run_cli([*ARGS, f"hydra.run.dir={root / 'run'}"], cwd=root)
+    run_cli_here([*ARGS, f"hydra.run.dir={root / 'run'}"], cwd=root)
     return read_tensors(str(root / "run" / "checkpoints" / f"step_{STEPS}"))
 
 
@@ -230,7 +231,7 @@ def test_unreachable_at_start_with_history_on_the_remote_never_overwrites_it(
     assert after == before, "the run overwrote checkpoints it never saw"
     assert STEPS in committed_steps(second.run_dir), "the run's own work must stay on local disk"
     # Once the store answers, the same command continues from the remote's newest checkpoint.
-    third = run_cli([*args, f"hydra.run.dir={tmp_path / 'third'}"], tmp_path)
+    third = run_cli_here([*args, f"hydra.run.dir={tmp_path / 'third'}"], tmp_path)
     assert f"resuming from step {STEPS} (checkpoint s3://" in third.stdout + third.stderr
     summary.case(ROW_STORE)
 
@@ -348,9 +349,11 @@ def remote_source(server: S3Server, tmp_path_factory: pytest.TempPathFactory) ->
     """A bucket holding a 4-step run with checkpoints 2 and 4, and the weights of a straight 6-step run."""
     root = tmp_path_factory.mktemp("s3corrupt")
     bucket = server.new_bucket("src")
-    run_cli([*SMALL, "trainer.max_steps=4", *s3_args(server.endpoint, bucket), f"hydra.run.dir={root / 'a'}"], root)
+    run_cli_here(
+        [*SMALL, "trainer.max_steps=4", *s3_args(server.endpoint, bucket), f"hydra.run.dir={root / 'a'}"], root
+    )
     assert remote_steps(server, bucket) == {2, 4}
-    run_cli([*SMALL, "trainer.max_steps=6", f"hydra.run.dir={root / 'straight'}"], root)
+    run_cli_here([*SMALL, "trainer.max_steps=6", f"hydra.run.dir={root / 'straight'}"], root)
     return bucket, read_tensors(str(root / "straight" / "checkpoints" / "step_6"))
 
 
@@ -390,7 +393,7 @@ def test_damaged_remote_checkpoint_is_skipped_when_resuming_from_s3(
         client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": source, "Key": key})
     name = damage_remote(server, bucket, "runs/corrupt/checkpoints/step_4", how)
     run_dir = tmp_path / "run"  # no local copy: the resume must look remotely
-    proc = run_cli(
+    proc = run_cli_here(
         [*SMALL, "trainer.max_steps=6", *s3_args(server.endpoint, bucket), f"hydra.run.dir={run_dir}"], tmp_path
     )
     out = proc.stdout + proc.stderr

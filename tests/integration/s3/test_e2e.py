@@ -1,4 +1,8 @@
-"""Issue 3's acceptance runs: the real CLI (`python -m runner +debug=tiny storage=s3 ...`) against moto."""
+"""Issue 3's acceptance runs: the real CLI (`python -m runner +debug=tiny storage=s3 ...`) against moto.
+
+Runs that are killed, or whose exit code or timing is the point, are processes of their own; the others go
+through the entry in this process (tests/helpers/inproc.py).
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from runner.train.metrics import read_metrics
 from tests.conftest import REPO, TINY, cli_env, run_cli
 from tests.gated_data import ENV as GATES
 from tests.helpers.dist import torchrun
+from tests.helpers.inproc import run_cli_here
 from tests.helpers.runs import committed_steps
 from tests.s3_server import S3Server, local_tree, remote_steps, remote_tree, s3_args
 
@@ -146,16 +151,16 @@ def test_resume_from_remote_after_losing_the_machine_is_bitwise_identical(
     # steps" would legitimately train differently from an uninterrupted 12-step run.
     run_dir = tmp_path / "run"
     args = [*TINY, "sched=const", *s3_args(s3_server.endpoint, bucket), f"hydra.run.dir={run_dir}"]
-    first = run_cli([*args, "trainer.max_steps=6"], REPO)
+    first = run_cli_here([*args, "trainer.max_steps=6"], REPO)
     name = run_name(run_dir)
     shutil.rmtree(run_dir)  # The machine (and its scratch disk) is gone.
-    second = run_cli([*args, "trainer.max_steps=12"], REPO)
+    second = run_cli_here([*args, "trainer.max_steps=12"], REPO)
     said = second.stdout + second.stderr
     assert f"resuming from step 6 (checkpoint s3://{bucket}/runs/{name}/checkpoints/step_6)" in said, said
     assert "downloading checkpoint" in said
 
     straight = tmp_path / "straight"
-    run_cli([*TINY, "sched=const", "trainer.max_steps=12", f"hydra.run.dir={straight}"], REPO)
+    run_cli_here([*TINY, "sched=const", "trainer.max_steps=12", f"hydra.run.dir={straight}"], REPO)
     assert_bitwise_equal(final_weights(run_dir, 12), final_weights(straight, 12))
     assert first.returncode == 0
 
@@ -178,7 +183,7 @@ def test_a_resume_on_a_new_machine_keeps_every_metrics_record_once(
     stop = tmp_path / "never-opened"
     args = [*TINY, *s3_args(s3_server.endpoint, bucket), "data._target_=tests.gated_data.gated_splits"]
     args += ["trainer.log_every=10", "trainer.ckpt_every=20", "trainer.eval_every=1000", f"hydra.run.dir={run_dir}"]
-    run_cli([*args, "trainer.max_steps=100"], REPO)
+    run_cli_here([*args, "trainer.max_steps=100"], REPO)
     name = run_name(run_dir)
     remote_metrics = f"runs/{name}/metrics.jsonl"
     assert _train_steps(s3_server.read(bucket, remote_metrics)) == list(range(10, 101, 10))
@@ -202,7 +207,7 @@ def test_a_resume_on_a_new_machine_keeps_every_metrics_record_once(
     assert max(remote_steps(s3_server, bucket)) == 100
 
     shutil.rmtree(run_dir)  # and the machine is lost again
-    resumed = run_cli([*args, "trainer.max_steps=140"], REPO)
+    resumed = run_cli_here([*args, "trainer.max_steps=140"], REPO)
     want = list(range(10, 141, 10))
     assert _train_steps((run_dir / "metrics.jsonl").read_bytes()) == want
     assert _train_steps(s3_server.read(bucket, remote_metrics)) == want
@@ -219,7 +224,7 @@ def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_se
     run_dir = tmp_path / "run"
     args = [*TINY, *s3_args(s3_server.endpoint, bucket), "trainer.keep_latest_k=1", f"hydra.run.dir={run_dir}"]
     for steps in (6, 12, 18):
-        done = run_cli([*args, f"trainer.max_steps={steps}"], REPO)
+        done = run_cli_here([*args, f"trainer.max_steps={steps}"], REPO)
         assert done.returncode == 0, done.stdout + done.stderr
     said = done.stdout + done.stderr
     assert "resuming from step 12" in said, said
@@ -229,10 +234,10 @@ def test_remote_retention_bounds_a_run_across_its_requeues(tmp_path: Path, s3_se
 
 def test_resume_from_a_named_remote_checkpoint(tmp_path: Path, s3_server: S3Server, bucket: str) -> None:
     source = tmp_path / "source"
-    run_cli([*TINY, *s3_args(s3_server.endpoint, bucket), "trainer.max_steps=6", f"hydra.run.dir={source}"], REPO)
+    run_cli_here([*TINY, *s3_args(s3_server.endpoint, bucket), "trainer.max_steps=6", f"hydra.run.dir={source}"], REPO)
     url = f"s3://{bucket}/runs/{run_name(source)}/checkpoints/step_3"
     other = tmp_path / "other"
-    proc = run_cli(
+    proc = run_cli_here(
         [
             *TINY,
             f"storage.endpoint_url={s3_server.endpoint}",
