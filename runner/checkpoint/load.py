@@ -5,16 +5,16 @@ Safe: DCP's ``.metadata`` is unpickled with an allow-list (:class:`SafeReader`),
 
 One pass (:class:`OnePassReader`): verifying a checkpoint and then loading it read every byte twice, and
 DCP's ``FileSystemReader`` is slow at the second read: it ``torch.load``\\ s each tensor record from a file
-view (a dozen small reads per record, the tensor copied twice). Here each data file is read front
-to back once (see READ_THREADS), every byte goes through the manifest's hash in file order, and each tensor's bytes
-are read straight into the destination tensor (or, when they cannot be, into one staging buffer and copied
-once). A record is a ``torch.save`` zip; where its tensor's bytes start is found in its first bytes (its
-``data.pkl``, which only describes the tensor, then a few small members and the storage's local header), so
-files are read strictly in order, and the guess is confirmed by the zip data descriptor that follows the
-bytes (else by the zip directory). The pickle is read by a C unpickler that resolves nothing but two
-describing classes: the tensor is described, never built. Records of any other form (compressed, several
-storages, DCP transforms, big-endian) are read whole and ``torch.load``\\ ed with ``weights_only=True``, as
-DCP does.
+view (a dozen small reads per record, the tensor copied twice). Here each data file is read front to back
+once (see READ_THREADS; a thread reads ahead, with ``O_DIRECT`` for large files: :mod:`.stream`), every byte
+goes through the manifest's hash in file order, and each tensor's bytes are copied straight into the
+destination tensor (or, when they cannot be, into one staging buffer and copied once more). A record is a
+``torch.save`` zip; where its tensor's bytes start is found in its first bytes (its ``data.pkl``, which only
+describes the tensor, then a few small members and the storage's local header), so files are read strictly
+in order, and the guess is confirmed by the zip data descriptor that follows the bytes (else by the zip
+directory). The pickle is read by a C unpickler that resolves nothing but two describing classes: the
+tensor is described, never built. Records of any other form (compressed, several storages, DCP transforms,
+big-endian) are read whole and ``torch.load``\\ ed with ``weights_only=True``, as DCP does.
 
 NOTE: the checksum of a file is known only once all of it has been read, so a corrupt file is found after some
 of its tensors were copied into the destination. :class:`CorruptCheckpoint` therefore means "the destination
@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import pickle
+import queue
 import sys
 import warnings
 import zipfile
@@ -50,6 +51,7 @@ from runner.checkpoint.errors import CheckpointError, CorruptCheckpoint, UnsafeC
 from runner.checkpoint.layout import rank_file
 from runner.checkpoint.manifest import CheckpointRef
 from runner.checkpoint.state import TrainState
+from runner.checkpoint.stream import InOrder, Ring
 from runner.storage import checksum
 
 log = logging.getLogger("runner.checkpoint")
@@ -58,8 +60,6 @@ log = logging.getLogger("runner.checkpoint")
 #: side by side the disk here served them slower and less evenly (median 0.75-0.88 s over 8-10 cold loads)
 #: than one after the other (0.65-0.72 s); the kernel's read-ahead already overlaps the disk with the hashing.
 READ_THREADS = 1
-#: Bytes per read: small enough that a chunk is still in cache when it is hashed.
-CHUNK = 4 << 20
 #: Records up to this size are read whole and parsed in memory.
 SMALL_RECORD = 1 << 20
 #: Bytes of a record searched for where its tensor's bytes start (a few hundred in practice).
@@ -121,55 +121,6 @@ class SafeLoadPlanner(DefaultLoadPlanner):
 
 
 # --------------------------------------------------------------------------- one pass
-class _InOrder:
-    """One file, read through one hash in file order. Bytes may be *peeked* before the hash reaches them (a
-    record's first bytes, to find its tensor); every byte is hashed exactly once, when the pass reaches it."""
-
-    def __init__(self, fd: int, algorithm: str) -> None:
-        self.fd = fd
-        self.digest = checksum.hasher(algorithm)
-        self.algorithm = algorithm
-        self.pos = 0
-        self._scratch = bytearray(CHUNK)
-
-    def _pread_into(self, view: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n == 0:
-                raise EOFError(f"file ends at {offset + done} bytes, expected at least {offset + len(view)}")
-            done += n
-
-    def peek(self, offset: int, n: int) -> bytes:
-        """``n`` bytes at ``offset``, not hashed (they will be when the pass reaches them)."""
-        buf = bytearray(n)
-        self._pread_into(memoryview(buf), offset)
-        return bytes(buf)
-
-    def read_into(self, view: memoryview) -> None:
-        """The next ``len(view)`` bytes into ``view``, hashed chunk by chunk as they arrive."""
-        for start in range(0, len(view), CHUNK):
-            chunk = view[start : start + CHUNK]
-            self._pread_into(chunk, self.pos)
-            self.digest.update(chunk)
-            self.pos += len(chunk)
-
-    def read(self, n: int) -> bytearray:
-        buf = bytearray(n)
-        self.read_into(memoryview(buf))
-        return buf
-
-    def skip_to(self, end: int) -> None:
-        """Hash the bytes up to ``end`` (a gap between records, a record's zip headers, the file's rest)."""
-        scratch = memoryview(self._scratch)
-        while self.pos < end:
-            self.read_into(scratch[: min(CHUNK, end - self.pos)])
-
-    @property
-    def checksum(self) -> str:
-        return f"{self.algorithm}:{self.digest.hexdigest()}"
-
-
 @dataclass(frozen=True)
 class _Layout:
     """Where a ``torch.save``\\ d tensor's bytes are in its record, and how to view them."""
@@ -408,6 +359,7 @@ class OnePassReader(SafeReader):
         self.files = files
         self.threads = threads
         self._metadata: dict[Any, Any] = {}
+        self._rings: queue.SimpleQueue[Ring] = queue.SimpleQueue()  # one per reading thread, reused per file
 
     def expected(self, name: str) -> tuple[int, str]:
         """(size, checksum) the manifest gives ``name``; a file it does not list is not the checkpoint's."""
@@ -467,41 +419,59 @@ class OnePassReader(SafeReader):
         planner: LoadPlanner,
     ) -> None:
         size, expected = self.expected(name)
-        fd = os.open(os.path.join(self.path, name), os.O_RDONLY)
+        path = os.path.join(self.path, name)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            ring = self._rings.get_nowait()
+        except queue.Empty:
+            ring = Ring()
         try:
             actual = os.fstat(fd).st_size
             if actual != size:
                 raise CorruptCheckpoint(f"{name} has {actual} bytes, manifest says {size}")
-            stream = _InOrder(fd, checksum.algorithm_of(expected))
-            failure: Exception | None = None
-            try:
-                for (offset, length), items in sorted(records.items()):
-                    if offset < stream.pos or offset + length > size:
-                        raise ValueError(f"record at {offset} (+{length}) overlaps another or the file's end")
-                    stream.skip_to(offset)
-                    self._read_record(stream, offset, length, items, targets, planner)
-            except Exception as error:
-                failure = error
-            # Whatever went wrong (a zip that does not parse, a shape that does not fit), a file that fails
-            # its checksum is reported as that: it is the cause, the rest is its consequence.
-            try:
-                stream.skip_to(size)
-            except EOFError:
-                raise CorruptCheckpoint(f"{name} is shorter than its manifest says") from None
-            except OSError:
-                if failure is None:
-                    raise
-                raise failure from None
-            if stream.checksum != expected:
-                raise CorruptCheckpoint(f"{name} fails its checksum") from None
-            if failure is not None:
-                raise failure
+            with InOrder(fd, path, size, checksum.algorithm_of(expected), ring) as stream:
+                self._read_records(name, stream, size, expected, records, targets, planner)
         finally:
             os.close(fd)
+            self._rings.put(ring)
+
+    def _read_records(
+        self,
+        name: str,
+        stream: InOrder,
+        size: int,
+        expected: str,
+        records: dict[tuple[int, int], list[ReadItem]],
+        targets: dict[int, torch.Tensor],
+        planner: LoadPlanner,
+    ) -> None:
+        failure: Exception | None = None
+        try:
+            for (offset, length), items in sorted(records.items()):
+                if offset < stream.pos or offset + length > size:
+                    raise ValueError(f"record at {offset} (+{length}) overlaps another or the file's end")
+                stream.skip_to(offset)
+                self._read_record(stream, offset, length, items, targets, planner)
+        except Exception as error:
+            failure = error
+        # Whatever went wrong (a zip that does not parse, a shape that does not fit), a file that fails
+        # its checksum is reported as that: it is the cause, the rest is its consequence.
+        try:
+            stream.skip_to(size)
+        except EOFError:
+            raise CorruptCheckpoint(f"{name} is shorter than its manifest says") from None
+        except OSError:
+            if failure is None:
+                raise
+            raise failure from None
+        if stream.checksum != expected:
+            raise CorruptCheckpoint(f"{name} fails its checksum") from None
+        if failure is not None:
+            raise failure
 
     def _read_record(
         self,
-        stream: _InOrder,
+        stream: InOrder,
         offset: int,
         length: int,
         items: list[ReadItem],

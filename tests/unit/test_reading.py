@@ -13,13 +13,23 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 
-from runner.checkpoint import errors, manifest, resume, save
+from runner.checkpoint import errors, manifest, resume, save, stream
 from runner.checkpoint import load as loading
 from runner.checkpoint.load import CorruptCheckpoint, OnePassReader, SafeLoadPlanner
 from runner.storage import LocalStorage, checksum
 from tests.helpers.state import make_state, tensors_of, train_steps
 
 BIG = loading.SMALL_RECORD // 4 + 1000  # float32 elements: a record read the large-record way
+
+
+@pytest.fixture(autouse=True, params=["page_cache", "direct"])
+def read_way(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test twice: files read through the page cache (what these small files get), and with O_DIRECT
+    in 64 KiB reads (what a large checkpoint gets), so records span several read-ahead buffers."""
+    if request.param == "direct":
+        monkeypatch.setattr(stream, "DIRECT_MIN", 0)
+        monkeypatch.setattr(stream, "CHUNK", 64 << 10)
+    return str(request.param)
 
 
 def _sample() -> dict[str, torch.Tensor]:
